@@ -1,0 +1,94 @@
+"""Training loss and sampling loop of a class-conditional DDPM, with classifier-free guidance.
+
+Training (Ho et al., "L_simple"):  E_{x0, y, t, eps} || eps - eps_theta(x_t, t, y') ||^2,
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,  t ~ U{0..T-1},
+    y' = null label with probability p_uncond (per sample), else y    (classifier-free guidance training).
+
+Sampling with guidance scale s (Ho & Salimans 2022):
+    eps_hat = eps(x_t, null) + s * (eps(x_t, y) - eps(x_t, null))
+    s = 1: the plain conditional model (one network call per step);  s = 0: the unconditional model;
+    s > 1: stronger conditioning.
+The model may be any callable `model(x, t, y) -> eps`, e.g. the InvDiff guided model of `guidance.py`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .scheduler import DDIMScheduler, DDPMScheduler, _NoiseSchedule
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """l_i = mean over (C, H, W) of (prediction - target)^2, in float32.  (B, C, H, W) -> (B,)."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int, generator: torch.Generator | None = None):
+    """Replace each label by the null label independently with probability p_uncond."""
+    if p_uncond <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+def training_loss(model: EpsModel, scheduler: _NoiseSchedule, x0: torch.Tensor, y: torch.Tensor | None,
+                  generator: torch.Generator | None = None, p_uncond: float = 0.0,
+                  null_label: int | None = None) -> torch.Tensor:
+    """L_simple over a batch (a scalar, float32). x0 in [-1, 1], (B, C, H, W); noise and t from `generator`."""
+    b = x0.shape[0]
+    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    if y is not None and p_uncond > 0:
+        y = drop_labels(y, p_uncond, null_label, generator=generator)
+    x_t = scheduler.add_noise(x0, noise, t)
+    return per_sample_mse(model(x_t, t, y), scheduler.training_target(x0, noise)).mean()
+
+
+def make_sampler(name: str, schedule_kwargs: dict | None = None) -> _NoiseSchedule:
+    """'ddpm' (ancestral) or 'ddim'; trailing timesteps so the first step is t = T - 1 for any step count."""
+    kw = dict(schedule_kwargs or {})
+    kw.setdefault("timestep_spacing", "trailing")
+    if name == "ddpm":
+        return DDPMScheduler(**kw)
+    if name == "ddim":
+        kw.pop("variance_type", None)
+        return DDIMScheduler(**kw)
+    raise ValueError(f"unknown sampler {name!r}; use 'ddpm' or 'ddim'")
+
+
+@torch.no_grad()
+def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], labels: torch.Tensor | None,
+           num_steps: int, guidance_scale: float = 1.0, null_label: int | None = None, eta: float = 0.0,
+           generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+           progress: Callable | None = None) -> torch.Tensor:
+    """Run the reverse process from x_T ~ N(0, I); returns x_0 in [-1, 1], shape `shape`.
+
+    `guidance_scale` is the classifier-free guidance scale s (1 = plain conditional, 0 = unconditional).
+    Noise is drawn on the CPU from `generator`, so a seed gives the same images on every device.
+    """
+    if guidance_scale != 1.0 and (labels is None or null_label is None):
+        raise ValueError("classifier-free guidance (guidance_scale != 1) needs class labels and a null label")
+    scheduler.set_timesteps(num_steps)
+    x = torch.randn(shape, generator=generator).to(device)
+    if labels is not None:
+        labels = labels.to(device)
+        null = torch.full_like(labels, null_label) if null_label is not None else None
+    steps = scheduler.timesteps.tolist()
+    for t in (progress(steps) if progress else steps):
+        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
+        if guidance_scale == 1.0:
+            eps = model(x, tt, labels)
+        elif guidance_scale == 0.0:
+            eps = model(x, tt, null)
+        else:  # one batched call for the conditional and unconditional branch
+            eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None
+        if isinstance(scheduler, DDIMScheduler):
+            x = scheduler.step(eps.float(), t, x, eta=eta, variance_noise=noise if eta > 0 else None)
+        else:
+            x = scheduler.step(eps.float(), t, x, variance_noise=noise)
+    return x
