@@ -158,15 +158,23 @@ def read_background(images: torch.Tensor) -> torch.Tensor:
 
 
 def read_shape(images: torch.Tensor) -> torch.Tensor:
-    """The object class of images in [0, 1]: 1 (square) where the object fills more than 88% of its
-    bounding box (a disc fills about pi/4 = 79%), else 0 (disc). An image without object pixels reads as -1.
-    (N,) long."""
+    """The object class of images in [0, 1]: 1 (square) where at least two of the four corner pixels of the
+    object's bounding box belong to the object, else 0 (disc): a disc never reaches the corners of its
+    bounding box (they lie sqrt(2) r from its centre), a square always fills them. An image without an
+    object (fewer than 4 object pixels) reads as -1.  (N,) long."""
     _check_images(images)
     mask = object_mask(images)                                               # (N, H, W)
+    n, h, w = mask.shape
     rows, cols = mask.any(2), mask.any(1)                                    # (N, H), (N, W)
-    height, width = rows.sum(1), cols.sum(1)
-    fill = mask.sum((1, 2)).float() / (height * width).clamp(min=1).float()
-    out = (fill > 0.88).long()
+    ar_h, ar_w = torch.arange(h), torch.arange(w)
+    top = torch.where(rows, ar_h, h).min(1).values.clamp(max=h - 1)
+    bottom = torch.where(rows, ar_h, -1).max(1).values.clamp(min=0)
+    left = torch.where(cols, ar_w, w).min(1).values.clamp(max=w - 1)
+    right = torch.where(cols, ar_w, -1).max(1).values.clamp(min=0)
+    i = torch.arange(n)
+    corners = (mask[i, top, left].long() + mask[i, top, right].long() + mask[i, bottom, left].long()
+               + mask[i, bottom, right].long())
+    out = (corners >= 2).long()
     out[mask.sum((1, 2)) < 4] = -1
     return out
 

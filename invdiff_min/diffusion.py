@@ -12,6 +12,7 @@ The model may be any callable `model(x, t, y) -> eps`, e.g. the InvDiff guided m
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -92,3 +93,20 @@ def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], l
         else:
             x = scheduler.step(eps.float(), t, x, variance_noise=noise)
     return x
+
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, parameter by parameter (buffers copied)."""
+    for ema_p, p in zip(ema_model.parameters(), model.parameters()):
+        ema_p.lerp_(p.detach(), 1 - decay)
+    for ema_b, b in zip(ema_model.buffers(), model.buffers()):
+        ema_b.copy_(b)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, final_fraction: float = 0.1) -> float:
+    """Linear warm-up for `warmup_steps`, then cosine decay to `final_fraction * base_lr` at `total_steps`."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -1,0 +1,186 @@
+"""Every setting of a run, as dataclasses with commented fields, and the presets `tiny`, `cpu`, `gpu`.
+
+The whole `RunConfig` is saved into every checkpoint as JSON, so `sample.py --ckpt run/` rebuilds the
+models from the checkpoint alone. InvDiff's stages (per-sample losses, group inference, guidance head) have
+their settings here too, with the official code's values named next to our defaults.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+from .data import DataConfig
+from .unet import UNetConfig
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"          # "linear" (Ho et al.) or "squaredcos_cap_v2" (cosine)
+    variance_type: str = "fixed_small"     # DDPM sampler variance: "fixed_small" or "fixed_large"
+    clip_sample: bool = True               # clip x0_hat to [-1, 1] while sampling
+
+    def scheduler_kwargs(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """Stage A: the biased base model."""
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995               # EMA of the weights; sampling uses the EMA weights
+    p_uncond: float = 0.1                  # per-sample label dropout for classifier-free guidance
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Stage B, part 1: per-sample denoising losses of the frozen base model."""
+    num_draws: int = 32                    # M (t, eps) draws averaged per sample; official code: 1
+    t_window: tuple[int, int] | None = None  # t drawn from [lo, hi); None = chosen label-free (`auto_t_window`)
+    normalize_per_t: bool = True           # divide each loss by the mean loss at its t; official code: False
+    target: str = "eps"                    # "eps" (the paper) or "x0" (what the official code compares with)
+    batch_size: int = 500
+    seed: int = 0
+
+
+@dataclass
+class GroupConfig:
+    """Stage B, part 2: bias-annotation inference (maximise L_e over the soft assignment W)."""
+    method: str = "class_topk"             # "class_topk" (our default: per-class high-loss group) or "official"
+    top_fraction: float = 0.05             # class_topk: share of each class put in its high-loss group
+    num_groups: int = 8                    # official: G (8 or 16 in the released scripts)
+    steps: int = 500                       # official: Adam steps on W
+    lr: float = 0.01                       # official: Adam learning rate
+    w_nz: float = 0.0                      # official: weight of the -min_{i,g} W_ig l_i term (0, 3, 5)
+    within_class: bool = False             # official: normalise losses within each class first
+    restarts: int = 1                      # official: keep the best of this many random initialisations
+    hard: bool = False                     # official: replace soft rows by one-hot argmax
+    seed: int = 0
+
+
+@dataclass
+class HeadConfig:
+    """Stage C: the invariant guidance head G_psi and its training with L_e."""
+    block_out_channels: tuple[int, ...] = (32, 64)  # a small UNet from the same blocks
+    layers_per_block: int = 1
+    attention_levels: tuple[bool, ...] = (False, False)
+    norm_num_groups: int = 16
+    mode: str = "additive"                 # "additive": eps_theta + w G (ours); "mix": r G + (1 - r) eps_theta (official)
+    mix_ratio: float = 0.5                 # official mix r (only for mode="mix")
+    lam: float = 1.0                       # lambda of L_e = mean_g R_g + lambda Var_g R_g
+    batch_sampling: str = "balanced"       # "balanced" over groups (ours) or "uniform" (official)
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """How the summary judges a model: samples per class, sampler, strengths swept."""
+    n_per_class: int = 200
+    sampler: str = "ddim"
+    num_steps: int = 25
+    guidance_scale: float = 1.0            # classifier-free guidance scale (1 = plain conditional)
+    strength: float = 1.0                  # InvDiff guidance strength w used for the summary
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    preset: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    groups: GroupConfig = field(default_factory=GroupConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: dict):
+    """Rebuild a (nested) dataclass from a dict, refusing unknown keys with a clear message."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in d.items():
+        default = getattr(cls(), name) if name in known else None
+        if is_dataclass(default) and isinstance(value, dict):
+            value = _from_dict(type(default), value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _tiny() -> RunConfig:
+    """CI-sized: every stage runs in seconds; the images are not meant to look like anything."""
+    return RunConfig(
+        preset="tiny",
+        data=DataConfig(resolution=16, num_samples=256, eval_per_group=16),
+        unet=UNetConfig(sample_size=16, block_out_channels=(16, 32), attention_levels=(False, True),
+                        layers_per_block=1, norm_num_groups=8, num_classes=2),
+        train=TrainConfig(steps=30, batch_size=16, warmup_steps=5, checkpoint_every=15),
+        losses=LossConfig(num_draws=2, batch_size=256),
+        groups=GroupConfig(top_fraction=0.1, steps=50),
+        head=HeadConfig(block_out_channels=(8, 16), norm_num_groups=4, steps=20, batch_size=16, checkpoint_every=10),
+        eval=EvalConfig(n_per_class=4, num_steps=5),
+    )
+
+
+def _cpu() -> RunConfig:
+    """The default: recognisable, clearly biased samples on 2 CPU cores in about 10 minutes for the base."""
+    return RunConfig(
+        preset="cpu",
+        data=DataConfig(resolution=16, num_samples=4000),
+        unet=UNetConfig(sample_size=16, block_out_channels=(32, 64, 64), attention_levels=(False, False, False),
+                        mid_attention=False, layers_per_block=1, norm_num_groups=16, num_classes=2),
+        train=TrainConfig(steps=2000, batch_size=64),
+        head=HeadConfig(),
+    )
+
+
+def _gpu() -> RunConfig:
+    """For CUDA: 32x32, larger model and budget."""
+    return RunConfig(
+        preset="gpu",
+        data=DataConfig(resolution=32, num_samples=20000, eval_per_group=500),
+        unet=UNetConfig(sample_size=32, block_out_channels=(128, 256, 256), attention_levels=(False, True, False),
+                        layers_per_block=2, num_classes=2, dropout=0.1),
+        train=TrainConfig(steps=20000, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9995,
+                          checkpoint_every=2000),
+        losses=LossConfig(num_draws=32, batch_size=1000),
+        head=HeadConfig(block_out_channels=(64, 128), layers_per_block=2, norm_num_groups=32, steps=5000,
+                        batch_size=128, lr=2e-4),
+        eval=EvalConfig(n_per_class=500, num_steps=50),
+    )
+
+
+PRESETS = {"tiny": _tiny, "cpu": _cpu, "gpu": _gpu}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]())
