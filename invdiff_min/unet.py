@@ -292,7 +292,10 @@ class UNet(nn.Module):
                                  f"0..{cfg.num_classes - 1} and {cfg.num_classes} (the null label)")
         return t, y
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None,
+                cond_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C_in, H, W), t (B,) or scalar, y (B,) labels or None; `cond_emb` (B, D) is an extra condition
+        embedding added to the time embedding (the guidance head's Phi(y))."""
         t, y = self._check_inputs(x, t, y)
         cfg = self.config
         emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
@@ -301,6 +304,8 @@ class UNet(nn.Module):
             if y is None:
                 y = torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_embedding(y.long())
+        if cond_emb is not None:
+            emb = emb + cond_emb
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:

@@ -1,0 +1,78 @@
+"""Our UNet against diffusers' UNet2DModel (random weights, identical configuration), and its guard rails."""
+import pytest
+import torch
+
+from invdiff_min.unet import UNet, UNetConfig, count_parameters, timestep_embedding
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def pair(ch=(32, 64, 64), attn=(False, True, False), layers=2, num_classes=2, head_dim=None, **kw):
+    cfg = UNetConfig(sample_size=16, block_out_channels=ch, attention_levels=attn, layers_per_block=layers,
+                     norm_num_groups=8, num_classes=num_classes, attention_head_dim=head_dim, **kw)
+    ref = diffusers.UNet2DModel(
+        sample_size=16, block_out_channels=ch, layers_per_block=layers, norm_num_groups=8,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in attn[::-1]),
+        attention_head_dim=head_dim, num_class_embeds=num_classes + 1 if num_classes else None,
+        norm_eps=cfg.norm_eps, downsample_padding=cfg.downsample_padding, flip_sin_to_cos=cfg.flip_sin_to_cos,
+        freq_shift=cfg.freq_shift, add_attention=cfg.mid_attention)
+    ours = UNet(cfg)
+    ours.load_state_dict(ref.state_dict(), strict=True)   # identical names: loads strictly
+    return ours.eval(), ref.eval()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),                                                   # class-conditional, single-head attention
+    dict(num_classes=None, head_dim=16),                      # unconditional, multi-head
+    dict(norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1),   # original DDPM style
+    dict(attn=(True, False, True), layers=1, mid_attention=False),
+])
+def test_unet_matches_diffusers_unet2dmodel(kw):
+    ours, ref = pair(**kw)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 16, 16, generator=g)
+    t = torch.tensor([0, 417, 999])
+    y = torch.tensor([0, 1, 2]) if ours.config.num_classes else None
+    with torch.no_grad():
+        a = ours(x, t, y)
+        b = ref(x, t, class_labels=y).sample
+    assert a.shape == (3, 3, 16, 16)
+    assert (a - b).abs().max() < 1e-5
+    assert count_parameters(ours) == count_parameters(ref)
+
+
+def test_null_label_is_the_default_for_a_conditional_model():
+    ours, _ = pair()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 6])
+    with torch.no_grad():
+        assert torch.equal(ours(x, t), ours(x, t, torch.tensor([2, 2])))
+
+
+def test_timestep_embedding_layout():
+    e = timestep_embedding(torch.tensor([0, 1]), 8, flip_sin_to_cos=False, freq_shift=0)
+    assert torch.allclose(e[0], torch.tensor([0.0] * 4 + [1.0] * 4))           # [sin, cos] at t = 0
+    e = timestep_embedding(torch.tensor([0]), 8, flip_sin_to_cos=True, freq_shift=0)
+    assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))           # [cos, sin]
+
+
+def test_unet_guard_rails_name_the_problem():
+    ours, _ = pair()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ours(torch.randn(2, 3, 18, 18), t)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        ours(torch.randn(2, 1, 16, 16), t)
+    with pytest.raises(ValueError, match="label out of range"):
+        ours(x, t, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        ours(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="floating-point"):
+        ours(x.long(), t)
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNetConfig(block_out_channels=(32, 64), attention_levels=(False,))
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        UNetConfig(block_out_channels=(30, 64), attention_levels=(False, False))
+    uncond, _ = pair(num_classes=None)
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond(x, t, torch.tensor([0, 1]))
