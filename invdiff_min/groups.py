@@ -1,0 +1,241 @@
+"""Stage B of InvDiff: per-sample losses of the frozen biased model, and bias-annotation inference.
+
+1. Per-sample loss (the signal). Under the frozen base eps_theta, for each training sample i,
+       l_i = (1/M) sum_m  || eps_theta(x_t, t_m, y_i) - eps_m ||^2 / mean_loss(t_m)      (mean over pixels)
+   with x_t = sqrt(abar_t) x0_i + sqrt(1 - abar_t) eps_m and t_m drawn from a window [lo, hi).
+   Bias-conflicting (minority) samples are denoised worse: the model "expects" the majority attribute.
+   The raw eps-MSE depends mostly on t, so each draw is divided by the mean loss at its t (`normalize_per_t`)
+   and M draws are averaged. The official code uses M = 1, t ~ U{0..T-1}, no normalisation, and compares
+   the prediction with x0 instead of eps (`target="x0"`); all of that is available as options.
+
+2. Group inference ("maximise L_e" over the assignment). A soft assignment W (N x G, rows on the simplex)
+   is chosen to maximise the spread of the group risks R_g = sum_i W_ig l_i / sum_i W_ig.
+   * `official_groups`: the official code's optimiser: W free, U(0, 1) init, Adam (lr 0.01, 500 steps) on
+     -std_g(R_g) - w_nz min_{i,g}(W_ig l_i), clamp W >= 0 and renormalise rows.
+   * `class_topk_groups` (our default): the same objective solved exactly under a size constraint, within
+     each class: for a fixed group size k, the split of a class into two groups that maximises
+     R_high - R_low is the k highest-loss samples against the rest. Classes are kept apart so that one
+     class being harder to denoise does not masquerade as bias. Gives 2 * num_classes hard groups.
+   * `oracle_groups`: the hidden (y, b) cells: the upper bound, never label-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import to_model_range
+from .diffusion import per_sample_mse
+from .metrics import auroc, normalized_mutual_info
+from .scheduler import _NoiseSchedule
+
+
+# ----- 1. per-sample losses --------------------------------------------------------------------------------
+@torch.no_grad()
+def loss_draws(model, scheduler: _NoiseSchedule, images: torch.Tensor, labels: torch.Tensor, num_draws: int,
+               t_window: tuple[int, int], target: str = "eps", batch_size: int = 500, seed: int = 0,
+               device: torch.device | str = "cpu", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw per-draw losses. images (N, C, H, W) in [0, 1]. Returns (losses, t), both (N, M).
+
+    Deterministic given `seed`: t and eps are drawn on the CPU per (draw, batch)."""
+    lo, hi = t_window
+    if not 0 <= lo < hi <= scheduler.num_train_timesteps:
+        raise ValueError(f"t_window must satisfy 0 <= lo < hi <= {scheduler.num_train_timesteps}, got {t_window}")
+    if target not in ("eps", "x0"):
+        raise ValueError(f"target must be 'eps' (the paper) or 'x0' (the official code), got {target!r}")
+    n = len(images)
+    losses = torch.empty(n, num_draws)
+    ts = torch.empty(n, num_draws, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    total = num_draws * ((n + batch_size - 1) // batch_size)
+    bar = tqdm(total=total, desc="B. per-sample losses", disable=not progress)
+    for m in range(num_draws):
+        for start in range(0, n, batch_size):
+            sl = slice(start, start + batch_size)
+            x0 = to_model_range(images[sl])
+            t = torch.randint(lo, hi, (len(x0),), generator=g)
+            eps = torch.randn(x0.shape, generator=g)
+            x0, t, eps = x0.to(device), t.to(device), eps.to(device)
+            pred = model(scheduler.add_noise(x0, eps, t), t, labels[sl].to(device))
+            losses[sl, m] = per_sample_mse(pred, eps if target == "eps" else x0).cpu()
+            ts[sl, m] = t.cpu()
+            bar.update()
+    bar.close()
+    return losses, ts
+
+
+def normalize_by_t(losses: torch.Tensor, ts: torch.Tensor, num_bins: int = 50) -> torch.Tensor:
+    """Divide each draw's loss by the mean loss of all draws whose t falls in the same bin of the window
+    (bins of equal width; `num_bins` keeps each mean estimated from many draws).  (N, M) -> (N, M)."""
+    lo, hi = int(ts.min()), int(ts.max()) + 1
+    width = max(1, -(-(hi - lo) // num_bins))
+    bins = ((ts - lo) // width).flatten()
+    sums = torch.zeros(int(bins.max()) + 1).index_add_(0, bins, losses.flatten().double().float())
+    counts = torch.zeros_like(sums).index_add_(0, bins, torch.ones_like(losses.flatten()))
+    mean_at_t = sums / counts.clamp(min=1)
+    return losses / mean_at_t[bins].view_as(losses).clamp(min=1e-12)
+
+
+def per_sample_losses(model, scheduler, images, labels, num_draws: int, t_window: tuple[int, int],
+                      normalize_per_t: bool = True, target: str = "eps", batch_size: int = 500, seed: int = 0,
+                      device="cpu", progress: bool = False) -> torch.Tensor:
+    """l_i of the module docstring: (N,) float32."""
+    losses, ts = loss_draws(model, scheduler, images, labels, num_draws, t_window, target, batch_size, seed,
+                            device, progress)
+    if normalize_per_t:
+        losses = normalize_by_t(losses, ts)
+    return losses.mean(1)
+
+
+def split_half_reliability(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> float:
+    """Pearson correlation between two independent estimates of the per-sample loss, after centring and
+    scaling within each class: how much of the per-sample loss is a property of the sample, not of the draw."""
+    def standardise(x):
+        out = torch.empty_like(x)
+        for c in labels.unique():
+            sel = labels == c
+            out[sel] = (x[sel] - x[sel].mean()) / x[sel].std().clamp(min=1e-12)
+        return out
+    a, b = standardise(a.double()), standardise(b.double())
+    return float((a * b).mean() / (a.std() * b.std()).clamp(min=1e-12))
+
+
+def auto_t_window(model, scheduler, images, labels, width: int = 300, stride: int = 100, num_draws: int = 8,
+                  max_samples: int = 800, batch_size: int = 500, seed: int = 0, device="cpu",
+                  progress: bool = False) -> tuple[tuple[int, int], dict]:
+    """Choose the t window without labels: the window where the (per-t normalised) per-sample loss is most
+    reproducible across independent draws (highest split-half reliability, within class). There the loss
+    measures something about the sample, such as an unexpected attribute, rather than the noise draw.
+    Uses a subset of `max_samples` samples. Returns ((lo, hi), {window: reliability})."""
+    T = scheduler.num_train_timesteps
+    g = torch.Generator().manual_seed(seed)
+    sub = torch.randperm(len(images), generator=g)[:max_samples]
+    imgs, labs = images[sub], labels[sub]
+    scores = {}
+    starts = list(range(0, T - width + 1, stride))
+    for i, lo in enumerate(tqdm(starts, desc="B. choosing the t window", disable=not progress)):
+        losses, ts = loss_draws(model, scheduler, imgs, labs, num_draws, (lo, lo + width), "eps", batch_size,
+                                seed + 1 + i, device)
+        norm = normalize_by_t(losses, ts, num_bins=10)
+        half = num_draws // 2
+        scores[(lo, lo + width)] = split_half_reliability(norm[:, :half].mean(1), norm[:, half:].mean(1), labs)
+    best = max(scores, key=scores.get)
+    return best, scores
+
+
+# ----- 2. group inference ----------------------------------------------------------------------------------
+def group_risks(weights: torch.Tensor, losses: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """R_g = sum_i W_ig l_i / sum_i W_ig for every group.  weights (N, G), losses (N,) -> (G,)."""
+    return (weights * losses[:, None]).sum(0) / weights.sum(0).clamp(min=eps)
+
+
+def within_class_normalize(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """l_i / mean_{j in class(i)} l_j, so that a harder class does not look like a bias."""
+    out = losses.clone().float()
+    for c in labels.unique():
+        sel = labels == c
+        out[sel] = losses[sel] / losses[sel].mean().clamp(min=1e-12)
+    return out
+
+
+def official_groups(losses: torch.Tensor, num_groups: int = 8, steps: int = 500, lr: float = 0.01,
+                    w_nz: float = 0.0, restarts: int = 1, seed: int = 0, labels: torch.Tensor | None = None,
+                    hard: bool = False) -> torch.Tensor:
+    """The official code's grouper: maximise std_g(R_g) (+ w_nz * min W l) over a free W, Adam, then clamp
+    and renormalise rows. With `labels`, losses are first normalised within each class. With `restarts` > 1
+    the run with the largest final spread is kept. Returns W (N, G), rows summing to 1."""
+    if labels is not None:
+        losses = within_class_normalize(losses, labels)
+    losses = losses.float()
+    best, best_spread = None, -float("inf")
+    for r in range(restarts):
+        g = torch.Generator().manual_seed(seed + r)
+        w = torch.rand(len(losses), num_groups, generator=g).requires_grad_(True)   # U(0, 1), as official
+        opt = torch.optim.Adam([w], lr=lr)
+        for _ in range(steps):
+            pos = w.clamp(min=0)
+            rows = pos / pos.sum(1, keepdim=True).clamp(min=1e-12)
+            objective = -group_risks(rows, losses).std() - w_nz * (rows * losses[:, None]).min()
+            opt.zero_grad()
+            objective.backward()
+            opt.step()
+        with torch.no_grad():
+            pos = w.clamp(min=0)
+            rows = pos / pos.sum(1, keepdim=True).clamp(min=1e-12)
+            spread = float(group_risks(rows, losses).std())
+        if spread > best_spread:
+            best, best_spread = rows.detach(), spread
+    return to_hard(best) if hard else best
+
+
+def class_topk_groups(losses: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      top_fraction: float = 0.05) -> torch.Tensor:
+    """Hard groups: group 2c + 1 = the top `top_fraction` losses of class c ("high loss"), 2c = the rest.
+    Returns one-hot W (N, 2 * num_classes)."""
+    if not 0 < top_fraction < 1:
+        raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
+    group = torch.empty(len(losses), dtype=torch.long)
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        if len(idx) == 0:
+            continue
+        k = max(1, int(round(top_fraction * len(idx))))
+        high = idx[losses[idx].argsort(descending=True)[:k]]
+        group[idx] = 2 * c
+        group[high] = 2 * c + 1
+    return torch.nn.functional.one_hot(group, 2 * num_classes).float()
+
+
+def oracle_groups(labels: torch.Tensor, bias: torch.Tensor, num_attributes: int) -> torch.Tensor:
+    """ORACLE (reads the hidden bias labels): one group per (y, b) cell. The upper bound, never label-free."""
+    cell = labels * num_attributes + bias
+    return torch.nn.functional.one_hot(cell, int(labels.max() + 1) * num_attributes).float()
+
+
+def uniform_groups(n: int) -> torch.Tensor:
+    """One group holding every sample: L_e reduces to the plain mean loss (the fine-tune control)."""
+    return torch.ones(n, 1)
+
+
+def to_hard(weights: torch.Tensor) -> torch.Tensor:
+    """One-hot argmax of each row."""
+    return torch.nn.functional.one_hot(weights.argmax(1), weights.shape[1]).float()
+
+
+# ----- diagnostics -----------------------------------------------------------------------------------------
+@dataclass
+class GroupReport:
+    sizes: list[float]              # sum_i W_ig
+    mean_loss: list[float]          # R_g
+    minority_share: list[float] | None = None   # hidden: share of bias-conflicting samples in each group
+    loss_auc: float | None = None               # hidden: AUROC of l_i for the bias-conflicting set
+    loss_auc_per_class: list[float] | None = None
+    nmi: float | None = None                    # hidden: NMI(argmax group, (y, b) cell)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def group_report(weights: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor,
+                 conflicting: torch.Tensor | None = None, cell: torch.Tensor | None = None) -> GroupReport:
+    """Sizes and risks of the groups; with the hidden labels, how well they recover the minority."""
+    rep = GroupReport(sizes=weights.sum(0).tolist(), mean_loss=group_risks(weights, losses).tolist())
+    if conflicting is not None:
+        c = conflicting.float()
+        rep.minority_share = ((weights * c[:, None]).sum(0) / weights.sum(0).clamp(min=1e-12)).tolist()
+        rep.loss_auc = auroc(losses, conflicting)
+        rep.loss_auc_per_class = [auroc(losses[labels == k], conflicting[labels == k])
+                                  for k in range(int(labels.max()) + 1)]
+    if cell is not None:
+        rep.nmi = normalized_mutual_info(weights.argmax(1), cell)
+    return rep
+
+
+def check_group_index(index: torch.Tensor, dataset_index: torch.Tensor, path: str | Path) -> None:
+    """Group weights are keyed by sample index; refuse a file made for another dataset."""
+    if index.shape != dataset_index.shape or not torch.equal(index, dataset_index):
+        raise ValueError(f"the sample indices in {path} do not match the dataset ({len(index)} vs "
+                         f"{len(dataset_index)} samples); the groups were inferred on other data: rerun "
+                         f"--stage losses and --stage groups for this run")
