@@ -1,0 +1,173 @@
+"""Stages C and D of InvDiff: the invariant guidance head G_psi, its objective L_e, and the guided model.
+
+Guided noise prediction (ours, the paper's mean shift), with the base eps_theta frozen:
+    eps_hat(x_t, t, y) = eps_theta(x_t, t, y) + w * G_psi(x_t, t, Phi(y))
+w = 1 in training; at sampling w = 0 is exactly the base model and w > 1 extrapolates. G_psi is a small UNet
+(same building blocks) whose output conv is zero-initialised, so training starts exactly at the base model.
+Phi(y) is the head's own condition encoder (an embedding added to its time embedding). The head acts only on
+real class labels: for the null label (the unconditional branch of classifier-free guidance) it adds nothing.
+
+The official code's variant (`mode="mix"`): G is a full copy of the base UNet (initialised from it, output
+conv zeroed) mixed as eps_hat = r G + (1 - r) eps_theta, r = 0.5; here r = w * mix_ratio, so w = 0 is again
+the base model.
+
+Debiasing objective (V-REx on the denoising loss over inferred groups), per minibatch:
+    R_g = sum_i W_ig l_i / sum_i W_ig,      l_i = mean_pixels (eps_hat - eps)^2,
+    L_e = mean_g R_g + lambda * Var_g R_g   over the groups present in the batch (sum_i W_ig > 0),
+with Var the population variance (mean of squared deviations).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, fingerprint, load_checkpoint, load_state_into, load_tensors
+from .unet import UNet, UNetConfig, count_parameters
+
+
+class InvariantGuidance(nn.Module):
+    """G_psi(x_t, t, Phi(y)): a small UNet plus its own label embedding Phi."""
+
+    def __init__(self, net_config: UNetConfig, num_classes: int):
+        super().__init__()
+        self.net = UNet(net_config)
+        self.num_classes = num_classes
+        temb = net_config.time_embed_dim or 4 * net_config.block_out_channels[0]
+        self.phi = nn.Embedding(num_classes + 1, temb)          # Phi(y); row num_classes = null label
+        nn.init.zeros_(self.net.conv_out.weight)                 # G_psi = 0 at initialisation
+        nn.init.zeros_(self.net.conv_out.bias)
+
+    @classmethod
+    def small(cls, base: UNetConfig, block_out_channels, layers_per_block, attention_levels, norm_num_groups):
+        """A head shaped like the base (channels, resolution, schedule embedding) but much smaller."""
+        cfg = UNetConfig(sample_size=base.sample_size, in_channels=base.in_channels, out_channels=base.out_channels,
+                         block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                         attention_levels=tuple(attention_levels), mid_attention=False,
+                         norm_num_groups=norm_num_groups, norm_eps=base.norm_eps,
+                         flip_sin_to_cos=base.flip_sin_to_cos, freq_shift=base.freq_shift, num_classes=None)
+        return cls(cfg, base.num_classes)
+
+    @classmethod
+    def copy_of(cls, base: UNet):
+        """The official code's head: a full copy of the base UNet (weights included), output zeroed."""
+        cfg = copy.deepcopy(base.config)
+        num_classes = cfg.num_classes
+        cfg.num_classes = None
+        head = cls(cfg, num_classes)
+        own = {k: v for k, v in base.state_dict().items() if not k.startswith("class_embedding")}
+        missing = head.net.load_state_dict(own, strict=False)
+        assert not missing.unexpected_keys
+        with torch.no_grad():
+            head.phi.weight.copy_(base.class_embedding.weight)
+            head.net.conv_out.weight.zero_()
+            head.net.conv_out.bias.zero_()
+        return head
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, cond_emb=self.phi(y))
+
+
+class GuidedModel(nn.Module):
+    """eps_hat(x, t, y) from a frozen base and a head (module docstring); `strength` is w."""
+
+    def __init__(self, base: UNet, head: InvariantGuidance | None, strength: float = 1.0, mode: str = "additive",
+                 mix_ratio: float = 0.5):
+        super().__init__()
+        if mode not in ("additive", "mix"):
+            raise ValueError(f"mode must be 'additive' (ours) or 'mix' (official code), got {mode!r}")
+        self.base, self.head = base, head
+        self.strength, self.mode, self.mix_ratio = float(strength), mode, float(mix_ratio)
+        self.base.requires_grad_(False).eval()
+
+    @property
+    def null_label(self):
+        return self.base.null_label
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            eps = self.base(x, t, y)
+        if self.head is None or self.strength == 0.0 or y is None:
+            return eps
+        g = self.head(x, t, y)
+        cond = (y != self.base.null_label).to(g.dtype).view(-1, 1, 1, 1)   # no guidance on the null label
+        if self.mode == "additive":
+            return eps + self.strength * cond * g
+        r = self.strength * self.mix_ratio * cond
+        return r * g + (1 - r) * eps
+
+
+def invariant_loss(losses: torch.Tensor, weights: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_e = mean_g R_g + lam * Var_g R_g over the groups present in the batch (float32).
+
+    losses (B,) per-sample l_i; weights (B, G) soft group weights of the batch's samples.
+    Returns (L_e, R) with R the risks of the present groups."""
+    if losses.ndim != 1 or weights.ndim != 2 or weights.shape[0] != losses.shape[0]:
+        raise ValueError(f"need losses (B,) and weights (B, G), got {tuple(losses.shape)} and {tuple(weights.shape)}")
+    losses, weights = losses.float(), weights.float()
+    mass = weights.sum(0)                                          # (G,)
+    present = mass > 1e-8
+    risks = (weights[:, present] * losses[:, None]).sum(0) / mass[present]   # R_g, (G_present,)
+    variance = ((risks - risks.mean()) ** 2).mean()
+    return risks.mean() + lam * variance, risks
+
+
+class GroupBatchSampler:
+    """Minibatch indices for head training.
+
+    uniform:  i ~ U{0..N-1} (the official way);
+    balanced: each group g with sum_i W_ig > 0 gets B / G_present slots (remainder spread at random), filled
+              by drawing i with probability W_ig / sum_j W_jg (soft groups are sampled by their weights).
+    Randomness comes from the generator passed to `sample`, so a step's batch depends on (seed, step) only."""
+
+    def __init__(self, weights: torch.Tensor, batch_size: int, mode: str = "balanced"):
+        if mode not in ("balanced", "uniform"):
+            raise ValueError(f"batch sampling must be 'balanced' or 'uniform', got {mode!r}")
+        self.weights, self.batch_size, self.mode = weights.float(), batch_size, mode
+        self.groups = (self.weights.sum(0) > 0).nonzero().squeeze(1)
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        n, b = self.weights.shape[0], self.batch_size
+        if self.mode == "uniform":
+            return torch.randint(0, n, (b,), generator=generator)
+        k = len(self.groups)
+        counts = torch.full((k,), b // k)
+        counts[torch.randperm(k, generator=generator)[: b % k]] += 1
+        idx = [torch.multinomial(self.weights[:, g], int(c), replacement=True, generator=generator)
+               for g, c in zip(self.groups.tolist(), counts.tolist()) if c > 0]
+        return torch.cat(idx)
+
+
+@dataclass
+class HeadSize:
+    head: int
+    base: int
+
+    @property
+    def ratio(self) -> float:
+        return self.head / self.base
+
+
+def head_size(head: nn.Module, base: nn.Module) -> HeadSize:
+    return HeadSize(count_parameters(head), count_parameters(base))
+
+
+def load_head(stage_dir, base: UNet, device="cpu") -> tuple[InvariantGuidance, dict]:
+    """Rebuild a trained head from its newest checkpoint in `stage_dir` (e.g. runs/cpu/invdiff) and check,
+    by fingerprint, that it was trained on this very base model."""
+    from pathlib import Path
+
+    stage_dir = Path(stage_dir)
+    ckpt, state = load_checkpoint(stage_dir, stage=stage_dir.name)
+    if "head_net" not in state:
+        raise CheckpointError(f"{ckpt} holds no guidance head (no head_net in state.json); pass a head folder "
+                              f"such as runs/cpu/invdiff")
+    if state.get("base_fingerprint") != fingerprint(base.state_dict()):
+        raise CheckpointError(f"the head in {ckpt} was trained on a different base model than the one loaded "
+                              f"(fingerprint mismatch); use the base it was trained on: {state.get('base_checkpoint')}")
+    net_cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["head_net"].items()})
+    head = InvariantGuidance(net_cfg, base.config.num_classes)
+    load_state_into(head, load_tensors(ckpt / "head.safetensors"), f"{ckpt / 'head.safetensors'}")
+    return head.to(device).eval(), state

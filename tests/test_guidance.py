@@ -1,0 +1,87 @@
+"""Stage C/D: the guidance head, L_e, the guided model and group-balanced batches."""
+import pytest
+import torch
+
+from invdiff_min.config import get_preset
+from invdiff_min.guidance import GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, invariant_loss
+from invdiff_min.unet import UNet
+
+
+def base_and_head(preset="tiny"):
+    cfg = get_preset(preset)
+    base = UNet(cfg.unet).eval()
+    h = cfg.head
+    head = InvariantGuidance.small(cfg.unet, h.block_out_channels, h.layers_per_block, h.attention_levels,
+                                   h.norm_num_groups)
+    return base, head
+
+
+def test_zero_init_head_leaves_the_base_output_unchanged():
+    base, head = base_and_head()
+    x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([1, 200, 500, 999]), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        assert torch.equal(GuidedModel(base, head, 1.0)(x, t, y), base(x, t, y))
+        assert torch.equal(GuidedModel(base, head, 1.0, mode="mix")(x, t, y) * 2, base(x, t, y))  # official: 0.5 eps
+
+
+def test_no_gradient_reaches_the_frozen_base():
+    base, head = base_and_head()
+    torch.nn.init.normal_(head.net.conv_out.weight, std=0.1)
+    model = GuidedModel(base, head)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([0, 1])
+    model(x, t, y).pow(2).mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in base.parameters())
+    assert head.net.conv_out.weight.grad is not None and head.phi.weight.grad is not None
+
+
+def test_strength_scales_the_head_and_zero_reproduces_the_base():
+    base, head = base_and_head()
+    torch.nn.init.normal_(head.net.conv_out.weight, std=0.1)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([0, 1])
+    with torch.no_grad():
+        e0, g = base(x, t, y), head(x, t, y)
+        assert torch.equal(GuidedModel(base, head, 0.0)(x, t, y), e0)
+        assert torch.allclose(GuidedModel(base, head, 2.5)(x, t, y), e0 + 2.5 * g, atol=1e-6)
+        null = torch.full((2,), base.null_label)
+        assert torch.equal(GuidedModel(base, head, 2.5)(x, t, null), base(x, t, null))   # no guidance on null
+
+
+def test_invariant_loss_matches_hand_computation_with_an_empty_group():
+    losses = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    weights = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1.0], [0, 0, 1.0]])   # group 1 is empty
+    # R = (2, 4); mean 3; population variance 1 -> L_e = 3 + lambda * 1
+    le, risks = invariant_loss(losses, weights, lam=10.0)
+    assert risks.tolist() == [2.0, 4.0]
+    assert le.item() == pytest.approx(13.0)
+    soft = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.0, 1.0], [1.0, 0.0]])
+    # R_0 = (0.5 + 1.5 + 6) / 2 = 4;  R_1 = (0.5 + 1.5 + 2) / 2 = 2;  L_e = 3 + 2 * 1
+    assert invariant_loss(losses, soft, lam=2.0)[0].item() == pytest.approx(5.0)
+    assert invariant_loss(losses, torch.ones(4, 1), lam=5.0)[0].item() == pytest.approx(3.0)  # uniform control
+    with pytest.raises(ValueError, match="weights"):
+        invariant_loss(losses, torch.ones(3, 2), 1.0)
+
+
+def test_head_is_at_most_a_quarter_of_the_base_in_every_preset():
+    for preset in ("tiny", "cpu", "gpu"):
+        base, head = base_and_head(preset)
+        assert head_size(head, base).ratio <= 0.25, preset
+
+
+def test_balanced_batches_represent_every_group_equally():
+    weights = torch.nn.functional.one_hot(torch.tensor([0] * 95 + [1] * 5), 2).float()
+    sampler = GroupBatchSampler(weights, batch_size=64, mode="balanced")
+    idx = torch.cat([sampler.sample(torch.Generator().manual_seed(s)) for s in range(20)])
+    share = float((idx >= 95).float().mean())
+    assert share == pytest.approx(0.5)
+    uniform = GroupBatchSampler(weights, 64, "uniform").sample(torch.Generator().manual_seed(0))
+    assert uniform.shape == (64,)
+    a = sampler.sample(torch.Generator().manual_seed(3))
+    assert torch.equal(a, sampler.sample(torch.Generator().manual_seed(3)))
+
+
+def test_official_mix_head_is_a_copy_of_the_base():
+    base, _ = base_and_head()
+    head = InvariantGuidance.copy_of(base)
+    assert sum(p.numel() for p in head.net.parameters()) + head.phi.weight.numel() == \
+        sum(p.numel() for p in base.parameters())
+    assert torch.equal(head.net.conv_in.weight, base.conv_in.weight)
