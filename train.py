@@ -24,15 +24,21 @@ import torch
 from tqdm.auto import tqdm
 
 from invdiff_min import __version__
-from invdiff_min.checkpoint import (CheckpointError, list_checkpoints, load_state_into, load_tensors,
-                                    optimizer_from_tensors, optimizer_to_tensors, read_json, save_checkpoint,
-                                    write_json)
+from invdiff_min.checkpoint import (CheckpointError, fingerprint, list_checkpoints, load_checkpoint, resolve_checkpoint,
+                                    load_state_into, load_tensors, load_unet, optimizer_from_tensors,
+                                    optimizer_to_tensors, read_json, save_checkpoint, save_tensors, write_json)
 from invdiff_min.config import RunConfig, get_preset
-from invdiff_min.data import CLASS_NAMES, from_model_range, make_dataset, to_model_range
-from invdiff_min.diffusion import lr_at, make_sampler, sample, training_loss, update_ema
-from invdiff_min.plots import save_grid, save_loss_curve
+from invdiff_min.data import ATTRIBUTE_NAMES, CLASS_NAMES, from_model_range, make_dataset, to_model_range
+from invdiff_min.diffusion import lr_at, make_sampler, per_sample_mse, sample, training_loss, update_ema
+from invdiff_min.evaluate import generate, judge
+from invdiff_min.groups import (auto_t_window, check_group_index, class_topk_groups, group_report, official_groups,
+                                oracle_groups, per_sample_losses, uniform_groups)
+from invdiff_min.guidance import (GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, invariant_loss,
+                                  load_head)
+from invdiff_min.metrics import auroc
+from invdiff_min.plots import save_grid, save_loss_curve, save_loss_histogram
 from invdiff_min.scheduler import DDPMScheduler
-from invdiff_min.unet import UNet, count_parameters
+from invdiff_min.unet import UNet, UNetConfig, count_parameters
 
 STAGES = ("base", "losses", "groups", "head", "eval")
 
@@ -118,6 +124,202 @@ def train_base(cfg: RunConfig, run_dir: Path, device: torch.device, progress: bo
     return final
 
 
+# ----- stage B: per-sample losses and group inference ---------------------------------------------------------
+def compute_losses(cfg: RunConfig, run_dir: Path, base_ckpt: Path, device: torch.device, progress: bool = True,
+                   compare: bool = False) -> Path:
+    """l_i for every training sample under the frozen base (groups.py), keyed by sample index."""
+    out = run_dir / "losses.safetensors"
+    if out.exists():
+        return out
+    lc = cfg.losses
+    base, _, _ = load_unet(base_ckpt, device)
+    data = make_dataset(cfg.data, "train")
+    scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
+    info: dict = {"base_checkpoint": str(base_ckpt), "num_draws": lc.num_draws, "normalize_per_t": lc.normalize_per_t,
+                  "target": lc.target}
+    window = tuple(lc.t_window) if lc.t_window else None
+    if window is None:  # label-free choice of the t window
+        window, scores = auto_t_window(base, scheduler, data.images, data.labels, num_draws=lc.auto_window_draws,
+                                       max_samples=lc.auto_window_samples, batch_size=lc.batch_size,
+                                       seed=lc.seed + 10_000, device=device, progress=progress)
+        info["t_window_reliability"] = {f"{lo}-{hi}": round(v, 4) for (lo, hi), v in scores.items()}
+        print(f"[losses] t window chosen without labels: [{window[0]}, {window[1]}) "
+              f"(split-half reliability {scores[window]:.3f})")
+    info["t_window"] = list(window)
+    losses = per_sample_losses(base, scheduler, data.images, data.labels, lc.num_draws, window, lc.normalize_per_t,
+                               lc.target, lc.batch_size, lc.seed, device, progress)
+    # evaluation only (hidden labels): how well the loss ranks the bias-conflicting samples
+    info["auc"] = auroc(losses, data.conflicting)
+    info["auc_per_class"] = [auroc(losses[data.labels == c], data.conflicting[data.labels == c]) for c in range(2)]
+    if compare:  # the official recipe: one draw, t ~ U{0..T-1}, raw loss against x0
+        official = per_sample_losses(base, scheduler, data.images, data.labels, 1, (0, scheduler.num_train_timesteps),
+                                     False, "x0", lc.batch_size, lc.seed, device)
+        eps_one = per_sample_losses(base, scheduler, data.images, data.labels, 1, (0, scheduler.num_train_timesteps),
+                                    False, "eps", lc.batch_size, lc.seed, device)
+        info["official_auc"] = auroc(official, data.conflicting)
+        info["official_eps_target_auc"] = auroc(eps_one, data.conflicting)
+        save_tensors(run_dir / "losses_official.safetensors", {"loss": official, "index": data.index})
+    save_tensors(out, {"loss": losses, "index": data.index}, {"t_window": list(window)})
+    write_json(run_dir / "losses.json", info)
+    print(f"[losses] {out}: AUC for the hidden minority {info['auc']:.3f} (evaluation only)")
+    return out
+
+
+def infer_groups(cfg: RunConfig, run_dir: Path) -> Path:
+    """Soft assignment W (groups.py) from the per-sample losses; a diagnostic JSON and histogram beside it."""
+    out = run_dir / "groups.safetensors"
+    if out.exists():
+        return out
+    gc = cfg.groups
+    data = make_dataset(cfg.data, "train")
+    saved = load_tensors(run_dir / "losses.safetensors")
+    check_group_index(saved["index"], data.index, run_dir / "losses.safetensors")
+    losses = saved["loss"]
+    if gc.method == "class_topk":
+        weights = class_topk_groups(losses, data.labels, data.num_classes, gc.top_fraction)
+    elif gc.method == "official":
+        weights = official_groups(losses, gc.num_groups, gc.steps, gc.lr, gc.w_nz, gc.restarts, gc.seed,
+                                  data.labels if gc.within_class else None, gc.hard)
+    else:
+        raise ValueError(f"unknown group method {gc.method!r}; use 'class_topk' or 'official'")
+    save_tensors(out, {"weights": weights, "index": data.index}, {"method": gc.method})
+    report = group_report(weights, losses, data.labels, data.conflicting, data.group)
+    write_json(run_dir / "groups.json", {"method": gc.method, **report.to_dict()})
+    save_loss_histogram(run_dir / "groups_hist.png", losses, data.group,
+                        [f"{CLASS_NAMES[c]} on {ATTRIBUTE_NAMES[b]}" for c in range(2) for b in range(2)],
+                        title="per-sample loss of the base model, by hidden (class, background)")
+    print(f"[groups] {out}: sizes {[round(s) for s in report.sizes]}, minority share per group "
+          f"{[round(m, 2) for m in report.minority_share]}, NMI {report.nmi:.3f} (evaluation only)")
+    return out
+
+
+# ----- stage C: the invariant guidance head --------------------------------------------------------------------
+def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, base_ckpt: Path,
+               device: torch.device, progress: bool = True, fault_hook=None) -> Path:
+    """Train G_psi with L_e over the groups `weights` (N, G); the base stays frozen and is not saved again."""
+    hc, stage_dir = cfg.head, run_dir / name
+    data = make_dataset(cfg.data, "train")
+    base, _, _ = load_unet(base_ckpt, device)
+    base_id = fingerprint(base.state_dict())
+    head = (InvariantGuidance.copy_of(base) if hc.mode == "mix" else
+            InvariantGuidance.small(base.config, hc.block_out_channels, hc.layers_per_block, hc.attention_levels,
+                                    hc.norm_num_groups)).to(device)
+    model = GuidedModel(base, head, strength=1.0, mode=hc.mode, mix_ratio=hc.mix_ratio)
+    opt = torch.optim.AdamW(head.parameters(), lr=hc.lr)
+    scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
+    batches = GroupBatchSampler(weights, hc.batch_size, hc.batch_sampling)
+    history = torch.zeros(hc.steps)
+    start = 0
+    if ckpts := list_checkpoints(stage_dir):
+        state = read_json(ckpts[-1] / "state.json")
+        if state.get("base_fingerprint") != base_id:
+            raise CheckpointError(f"{ckpts[-1]} was trained on another base model; use --overwrite to retrain")
+        load_state_into(head, load_tensors(ckpts[-1] / "head.safetensors"), f"{ckpts[-1]}/head.safetensors")
+        optimizer_from_tensors(opt, load_tensors(ckpts[-1] / "optimizer.safetensors"), state["optimizer"])
+        start = state["step"]
+        history[:start] = load_tensors(ckpts[-1] / "history.safetensors")["loss"][:start]
+        if start >= hc.steps:
+            return ckpts[-1]
+        print(f"[{name}] resuming at step {start}")
+    size = head_size(head, base)
+    print(f"[{name}] head G_psi with {size.head:,} parameters ({size.ratio:.0%} of the base), "
+          f"{weights.shape[1]} groups, {hc.batch_sampling} batches, lambda {hc.lam}")
+    bar = tqdm(range(start, hc.steps), desc=f"C. head ({name})", disable=not progress, initial=start, total=hc.steps)
+    for step in bar:
+        g = step_generator(hc.seed + 7, step)
+        idx = batches.sample(g)
+        x0 = to_model_range(data.images[idx]).to(device)
+        y, w = data.labels[idx].to(device), weights[idx].to(device)
+        t = torch.randint(0, scheduler.num_train_timesteps, (len(idx),), generator=g).to(device)
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            eps_hat = model(scheduler.add_noise(x0, eps, t), t, y)     # eps_theta + G_psi
+        loss, _ = invariant_loss(per_sample_mse(eps_hat, eps), w, hc.lam)  # L_e
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"non-finite L_e {loss.item()} at head step {step} ({name}); the last good "
+                                   f"checkpoint is kept in {stage_dir}. Try a lower head lr (now {hc.lr}) or lambda "
+                                   f"(now {hc.lam}), then --resume")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), hc.grad_clip)
+        opt.step()
+        history[step] = loss.item()
+        bar.set_postfix(L_e=f"{history[max(0, step - 49):step + 1].mean():.4f}")
+        if (step + 1) % hc.checkpoint_every == 0 or step + 1 == hc.steps:
+            opt_tensors, opt_meta = optimizer_to_tensors(opt)
+            save_checkpoint(stage_dir, step + 1, {"head": head.state_dict(), "optimizer": opt_tensors,
+                                                  "history": {"loss": history}},
+                            {"config": cfg.to_dict(), "optimizer": opt_meta, "base_checkpoint": str(base_ckpt),
+                             "base_fingerprint": base_id, "groups": name,
+                             "head_net": head.net.config.to_dict()}, fault_hook=fault_hook)
+    save_loss_curve(stage_dir / "loss.png", history, f"L_e of the guidance head ({name})")
+    return list_checkpoints(stage_dir)[-1]
+
+
+def head_weights(cfg: RunConfig, run_dir: Path, name: str) -> torch.Tensor:
+    """The group weights each head is trained with: inferred (invdiff), hidden cells (oracle), or one group."""
+    data = make_dataset(cfg.data, "train")
+    if name == "invdiff":
+        saved = load_tensors(run_dir / "groups.safetensors")
+        check_group_index(saved["index"], data.index, run_dir / "groups.safetensors")
+        return saved["weights"]
+    if name == "oracle":
+        return oracle_groups(data.labels, data.bias, data.num_attributes)   # reads hidden labels: the upper bound
+    if name == "uniform":
+        return uniform_groups(len(data))
+    raise ValueError(name)
+
+
+# ----- stage D: evaluation ----------------------------------------------------------------------------------
+def evaluate_run(cfg: RunConfig, run_dir: Path, base_ckpt: Path, heads: list[str], device: torch.device,
+                 strengths: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)) -> dict:
+    """Sample every model with the same seed, judge it, write summary.json and a comparison grid."""
+    ec = cfg.eval
+    base, _, _ = load_unet(base_ckpt, device)
+    shape = (cfg.unet.in_channels, cfg.data.resolution, cfg.data.resolution)
+    kw = dict(diffusion_kwargs=cfg.diffusion.scheduler_kwargs(), n_per_class=ec.n_per_class,
+              num_classes=cfg.unet.num_classes, image_shape=shape, sampler=ec.sampler, num_steps=ec.num_steps,
+              guidance_scale=ec.guidance_scale, seed=ec.seed, device=device)
+    summary: dict = {"preset": cfg.preset, "data_seed": cfg.data.seed, "strength": ec.strength,
+                     "sampler": f"{ec.sampler}-{ec.num_steps}", "n_per_class": ec.n_per_class,
+                     "training_data": judge(make_dataset(cfg.data, "train").images,
+                                            make_dataset(cfg.data, "train").labels)}
+    images, labels = generate(GuidedModel(base, None), **kw)
+    summary["base"] = judge(images, labels)
+    grids = {"base": images}
+    sweep: dict = {}
+    for name in heads:
+        head, _ = load_head(run_dir / name, base, device)
+        for w in sorted(set(strengths) | {ec.strength}):
+            if w == 0.0:
+                continue
+            imgs, labs = generate(GuidedModel(base, head, w, cfg.head.mode, cfg.head.mix_ratio), **kw)
+            sweep.setdefault(name, {})[str(w)] = judge(imgs, labs)
+            if w == ec.strength:
+                summary[name] = sweep[name][str(w)]
+                grids[name] = imgs
+    summary["sweep"] = {name: {"0.0": summary["base"], **s} for name, s in sweep.items()}
+    write_json(run_dir / "summary.json", summary)
+    k = min(8, ec.n_per_class)
+    pick = torch.cat([torch.arange(k) + c * ec.n_per_class for c in range(cfg.unet.num_classes)])
+    rows = [img[pick] for img in grids.values()]
+    save_grid(run_dir / "samples.png", torch.cat(rows), nrow=k,
+              row_labels=[f"{n}: {CLASS_NAMES[c]}" for n in grids for c in range(cfg.unet.num_classes)],
+              title=f"same seeds, w = {ec.strength} ({ec.sampler}-{ec.num_steps})")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\nbias of generated images ({summary['sampler']}, {summary['n_per_class']} per class, "
+          f"w = {summary['strength']}):")
+    print(f"  {'model':<14}{'Bias':>7}{'minority share per class':>28}{'fidelity':>10}")
+    for name in ("training_data", "base", "invdiff", "oracle", "uniform"):
+        if name in summary:
+            r = summary[name]
+            shares = ", ".join(f"{m:.3f}" for m in r["minority_share"])
+            print(f"  {name:<14}{r['bias']:>7.3f}{shares:>28}{r['fidelity']:>10.3f}")
+
+
 # ----- the command line -------------------------------------------------------------------------------------
 def build_config(args) -> RunConfig:
     cfg = get_preset(args.preset)
@@ -162,6 +364,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="training seed (all stages)")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the built-in dataset")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--compare", action="store_true",
+                   help="also train the oracle-group and uniform-weight heads and the official loss recipe")
+    p.add_argument("--base", default=None, help="use this base-model checkpoint folder instead of training one")
     args = p.parse_args(argv)
     try:
         cfg = build_config(args)
@@ -170,13 +375,32 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {e}")
     run_dir = Path(args.out or f"runs/{cfg.preset}")
     prepare_run_dir(cfg, run_dir, args)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    progress = not args.no_progress
+    heads = ["invdiff"] + (["oracle", "uniform"] if args.compare else [])
     t0 = time.time()
     try:
-        if args.stage in ("all", "base"):
-            ckpt = train_base(cfg, run_dir, device, progress=not args.no_progress)
-            print(f"[base] {ckpt}  (loss curve {run_dir / 'base/loss.png'}, samples {run_dir / 'base/samples.png'})")
-    except (TrainingDiverged, CheckpointError) as e:
+        base_ckpt = resolve_checkpoint(args.base) if args.base else None
+        if args.stage in ("all", "base") and base_ckpt is None:
+            base_ckpt = train_base(cfg, run_dir, device, progress=progress)
+            print(f"[base] {base_ckpt}  (loss curve {run_dir / 'base/loss.png'}, "
+                  f"samples {run_dir / 'base/samples.png'})")
+        if args.stage == "base":
+            return 0
+        base_ckpt = base_ckpt or resolve_checkpoint(run_dir, "base")
+        if args.stage in ("all", "losses"):
+            compute_losses(cfg, run_dir, base_ckpt, device, progress, compare=args.compare)
+        if args.stage in ("all", "groups"):
+            infer_groups(cfg, run_dir)
+        if args.stage in ("all", "head"):
+            for name in heads:
+                ckpt = train_head(cfg, run_dir, name, head_weights(cfg, run_dir, name), base_ckpt, device, progress)
+                print(f"[{name}] {ckpt}")
+        if args.stage in ("all", "eval"):
+            trained = [h for h in ("invdiff", "oracle", "uniform") if list_checkpoints(run_dir / h)]
+            summary = evaluate_run(cfg, run_dir, base_ckpt, trained, device)
+            print_summary(summary)
+            print(f"\nsummary {run_dir / 'summary.json'}, samples {run_dir / 'samples.png'}")
+    except (TrainingDiverged, CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     print(f"done in {time.time() - t0:.0f} s; run folder {run_dir}")
     return 0

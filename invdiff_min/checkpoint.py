@@ -111,7 +111,10 @@ def save_checkpoint(stage_dir: str | Path, step: int, tensors: dict[str, dict[st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(stage_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in stage_dir.glob(".tmp-*"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -184,3 +187,17 @@ def load_unet(path: str | Path, device: torch.device | str = "cpu", weights: str
     name = weights if (ckpt / f"{weights}.safetensors").is_file() else "model"
     load_state_into(model, load_tensors(ckpt / f"{name}.safetensors"), f"{ckpt / (name + '.safetensors')}")
     return model.to(device).eval(), state, ckpt
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted names, shapes and bytes of a state dict: identifies a base model, so a head
+    trained on one base is never silently used with another."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]

@@ -49,6 +49,8 @@ class LossConfig:
     normalize_per_t: bool = True           # divide each loss by the mean loss at its t; official code: False
     target: str = "eps"                    # "eps" (the paper) or "x0" (what the official code compares with)
     batch_size: int = 500
+    auto_window_draws: int = 8             # auto t window: draws per candidate window (split in two halves)
+    auto_window_samples: int = 800         # auto t window: samples it is estimated on
     seed: int = 0
 
 
@@ -70,10 +72,10 @@ class GroupConfig:
 @dataclass
 class HeadConfig:
     """Stage C: the invariant guidance head G_psi and its training with L_e."""
-    block_out_channels: tuple[int, ...] = (32, 64)  # a small UNet from the same blocks
+    block_out_channels: tuple[int, ...] = (16, 24, 32)  # a small UNet from the same blocks (~21% of the cpu base)
     layers_per_block: int = 1
-    attention_levels: tuple[bool, ...] = (False, False)
-    norm_num_groups: int = 16
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    norm_num_groups: int = 8
     mode: str = "additive"                 # "additive": eps_theta + w G (ours); "mix": r G + (1 - r) eps_theta (official)
     mix_ratio: float = 0.5                 # official mix r (only for mode="mix")
     lam: float = 1.0                       # lambda of L_e = mean_g R_g + lambda Var_g R_g
@@ -142,9 +144,9 @@ def _tiny() -> RunConfig:
         unet=UNetConfig(sample_size=16, block_out_channels=(16, 32), attention_levels=(False, True),
                         layers_per_block=1, norm_num_groups=8, num_classes=2),
         train=TrainConfig(steps=30, batch_size=16, warmup_steps=5, checkpoint_every=15),
-        losses=LossConfig(num_draws=2, batch_size=256),
+        losses=LossConfig(num_draws=2, batch_size=256, auto_window_draws=4, auto_window_samples=128),
         groups=GroupConfig(top_fraction=0.1, steps=50),
-        head=HeadConfig(block_out_channels=(8, 16), norm_num_groups=4, steps=20, batch_size=16, checkpoint_every=10),
+        head=HeadConfig(block_out_channels=(8, 16), attention_levels=(False, False), norm_num_groups=4, steps=20, batch_size=16, checkpoint_every=10),
         eval=EvalConfig(n_per_class=4, num_steps=5),
     )
 
@@ -171,7 +173,7 @@ def _gpu() -> RunConfig:
         train=TrainConfig(steps=20000, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9995,
                           checkpoint_every=2000),
         losses=LossConfig(num_draws=32, batch_size=1000),
-        head=HeadConfig(block_out_channels=(64, 128), layers_per_block=2, norm_num_groups=32, steps=5000,
+        head=HeadConfig(block_out_channels=(64, 128), attention_levels=(False, False), layers_per_block=2, norm_num_groups=32, steps=5000,
                         batch_size=128, lr=2e-4),
         eval=EvalConfig(n_per_class=500, num_steps=50),
     )
