@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def train_base(cfg: RunConfig, run_dir: Path, device: torch.device, progress: bo
     """Train eps_theta with L_simple and label dropout; EMA weights; checkpoints every `checkpoint_every`."""
     tc, stage_dir = cfg.train, run_dir / "base"
     data = make_dataset(cfg.data, "train")
+    torch.manual_seed(tc.seed)                                       # the initial weights
     model = UNet(cfg.unet).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -201,6 +203,7 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
     data = make_dataset(cfg.data, "train")
     base, _, _ = load_unet(base_ckpt, device)
     base_id = fingerprint(base.state_dict())
+    torch.manual_seed(hc.seed)                                       # the head's initial weights
     head = (InvariantGuidance.copy_of(base) if hc.mode == "mix" else
             InvariantGuidance.small(base.config, hc.block_out_channels, hc.layers_per_block, hc.attention_levels,
                                     hc.norm_num_groups)).to(device)
@@ -344,7 +347,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, args) -> None:
         elif not args.resume:
             raise SystemExit(f"error: run folder {run_dir} already exists; pass --resume to continue it, "
                              f"--overwrite to start again, or --out NEW_FOLDER")
-        elif saved != RunConfig.from_dict(saved).to_dict() or saved != cfg.to_dict():
+        elif saved != json.loads(json.dumps(cfg.to_dict())):
             raise SystemExit(f"error: {run_dir} was made with a different config (preset {saved.get('preset')!r}); "
                              f"resume with the same --preset and options, or use --out NEW_FOLDER")
     run_dir.mkdir(parents=True, exist_ok=True)
