@@ -25,10 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from invdiff_min import __version__
-from invdiff_min.checkpoint import (CheckpointError, fingerprint, list_checkpoints, load_checkpoint, resolve_checkpoint,
-                                    load_state_into, load_tensors, load_unet, optimizer_from_tensors,
-                                    optimizer_to_tensors, read_json, save_checkpoint, save_tensors, write_json)
-from invdiff_min.config import RunConfig, get_preset
+from invdiff_min.checkpoint import (CheckpointError, fingerprint, list_checkpoints, load_state_into, load_tensors,
+                                    load_unet, optimizer_from_tensors, optimizer_to_tensors, read_json,
+                                    resolve_checkpoint, save_checkpoint, save_tensors, write_json)
+from invdiff_min.config import DiffusionConfig, RunConfig, get_preset
 from invdiff_min.data import ATTRIBUTE_NAMES, CLASS_NAMES, from_model_range, make_dataset, to_model_range
 from invdiff_min.diffusion import lr_at, make_sampler, per_sample_mse, sample, training_loss, update_ema
 from invdiff_min.evaluate import generate, judge
@@ -69,6 +69,8 @@ def train_base(cfg: RunConfig, run_dir: Path, device: torch.device, progress: bo
     data = make_dataset(cfg.data, "train")
     torch.manual_seed(tc.seed)                                       # the initial weights
     model = UNet(cfg.unet).to(device)
+    if tc.init_from:
+        init_from_converted(model, tc.init_from)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
@@ -124,6 +126,29 @@ def train_base(cfg: RunConfig, run_dir: Path, device: torch.device, progress: bo
     save_grid(stage_dir / "samples.png", from_model_range(grid), nrow=8, row_labels=list(CLASS_NAMES),
               title="base model samples (DDIM 25), one class per row")
     return final
+
+
+def init_from_converted(model: UNet, path: str) -> None:
+    """Copy converted (usually unconditional) pretrained weights into `model`; a class embedding the source
+    lacks starts at zero, so the conditional model begins exactly as the pretrained unconditional one."""
+    pretrained, _, ckpt = load_unet(path, "cpu", weights="model")
+    weights = pretrained.state_dict()
+    if model.class_embedding is not None and "class_embedding.weight" not in weights:
+        weights["class_embedding.weight"] = torch.zeros_like(model.class_embedding.weight)
+    load_state_into(model, weights, f"{ckpt}/model.safetensors (--init-from)")
+    print(f"[base] initialised from {ckpt}")
+
+
+def apply_init_from(cfg: RunConfig, path: str) -> None:
+    """Take the architecture and noise schedule of a converted checkpoint; the built-in data at its resolution."""
+    _, state, _ = load_unet(path, "cpu", weights="model")
+    conv = state["config"]
+    unet = {k: tuple(v) if isinstance(v, list) else v for k, v in conv["unet"].items()}
+    unet["num_classes"] = 2
+    cfg.unet = UNetConfig(**unet)
+    cfg.diffusion = DiffusionConfig(**conv["diffusion"])
+    cfg.data.resolution = cfg.unet.sample_size
+    cfg.train.init_from = str(path)
 
 
 # ----- stage B: per-sample losses and group inference ---------------------------------------------------------
@@ -333,6 +358,8 @@ def build_config(args) -> RunConfig:
     if args.seed is not None:
         for part in (cfg.train, cfg.losses, cfg.groups, cfg.head):
             part.seed = args.seed
+    if args.init_from:
+        apply_init_from(cfg, args.init_from)
     return cfg
 
 
@@ -369,12 +396,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--compare", action="store_true",
                    help="also train the oracle-group and uniform-weight heads and the official loss recipe")
+    p.add_argument("--init-from", default=None,
+                   help="start the base model from a converted checkpoint (python -m invdiff_min.convert SRC OUT)")
     p.add_argument("--base", default=None, help="use this base-model checkpoint folder instead of training one")
     args = p.parse_args(argv)
     try:
         cfg = build_config(args)
         device = pick_device(args.device)
-    except ValueError as e:
+    except (ValueError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     run_dir = Path(args.out or f"runs/{cfg.preset}")
     prepare_run_dir(cfg, run_dir, args)

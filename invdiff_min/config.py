@@ -38,6 +38,7 @@ class TrainConfig:
     ema_decay: float = 0.995               # EMA of the weights; sampling uses the EMA weights
     p_uncond: float = 0.1                  # per-sample label dropout for classifier-free guidance
     checkpoint_every: int = 500
+    init_from: str | None = None           # start from a converted checkpoint folder (python -m invdiff_min.convert)
     seed: int = 0
 
 
@@ -50,7 +51,7 @@ class LossConfig:
     target: str = "eps"                    # "eps" (the paper) or "x0" (what the official code compares with)
     batch_size: int = 500
     auto_window_draws: int = 8             # auto t window: draws per candidate window (split in two halves)
-    auto_window_samples: int = 800         # auto t window: samples it is estimated on
+    auto_window_samples: int = 600         # auto t window: samples it is estimated on
     seed: int = 0
 
 
@@ -76,7 +77,7 @@ class HeadConfig:
     layers_per_block: int = 1
     attention_levels: tuple[bool, ...] = (False, False, False)
     norm_num_groups: int = 8
-    mode: str = "additive"                 # "additive": eps_theta + w G (ours); "mix": r G + (1 - r) eps_theta (official)
+    mode: str = "additive"                 # "additive": eps_theta + w G (ours); "mix": r G + (1-r) eps_theta (official)
     mix_ratio: float = 0.5                 # official mix r (only for mode="mix")
     lam: float = 1.0                       # lambda of L_e = mean_g R_g + lambda Var_g R_g
     batch_sampling: str = "balanced"       # "balanced" over groups (ours) or "uniform" (official)
@@ -146,7 +147,8 @@ def _tiny() -> RunConfig:
         train=TrainConfig(steps=30, batch_size=16, warmup_steps=5, checkpoint_every=15),
         losses=LossConfig(num_draws=2, batch_size=256, auto_window_draws=4, auto_window_samples=128),
         groups=GroupConfig(top_fraction=0.1, steps=50),
-        head=HeadConfig(block_out_channels=(8, 16), attention_levels=(False, False), norm_num_groups=4, steps=20, batch_size=16, checkpoint_every=10),
+        head=HeadConfig(block_out_channels=(8, 16), attention_levels=(False, False), norm_num_groups=4, steps=20,
+                        batch_size=16, checkpoint_every=10),
         eval=EvalConfig(n_per_class=4, num_steps=5),
     )
 
@@ -173,8 +175,8 @@ def _gpu() -> RunConfig:
         train=TrainConfig(steps=20000, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9995,
                           checkpoint_every=2000),
         losses=LossConfig(num_draws=32, batch_size=1000),
-        head=HeadConfig(block_out_channels=(64, 128), attention_levels=(False, False), layers_per_block=2, norm_num_groups=32, steps=5000,
-                        batch_size=128, lr=2e-4),
+        head=HeadConfig(block_out_channels=(64, 128), attention_levels=(False, False), layers_per_block=2,
+                        norm_num_groups=32, steps=5000, batch_size=128, lr=2e-4),
         eval=EvalConfig(n_per_class=500, num_steps=50),
     )
 

@@ -76,7 +76,9 @@ def _render(y: torch.Tensor, b: torch.Tensor, res: int, g: torch.Generator) -> t
     yy, xx = coords[:, None].expand(res, res), coords[None, :].expand(res, res)
 
     # backgrounds: land = green with soft blotches, water = blue with horizontal waves
-    u = lambda *s: torch.rand(*s, generator=g)
+    def u(*shape):
+        return torch.rand(*shape, generator=g)
+
     land = torch.stack([0.25 + 0.1 * u(n), 0.55 + 0.15 * u(n), 0.15 + 0.1 * u(n)], 1)[:, :, None, None]
     blotch_phase = u(n, 2) * 2 * math.pi
     blotches = (torch.sin(6 * xx + blotch_phase[:, 0, None, None]) * torch.sin(5 * yy + blotch_phase[:, 1, None, None]))

@@ -65,8 +65,8 @@ class _NoiseSchedule(nn.Module):
         self.register_buffer("betas", betas.float())
         self.register_buffer("alphas", (1.0 - betas).float())
         self.register_buffer("alphas_cumprod", alphas_cumprod.float())
-        self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt().float())               # sqrt(abar_t)
-        self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt().float())  # sqrt(1 - abar_t)
+        self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt().float())                 # sqrt(abar_t)
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt().float())  # sqrt(1-abar_t)
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
 
@@ -88,12 +88,14 @@ class _NoiseSchedule(nn.Module):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """q_sample: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, computed in float32."""
         if original_samples.shape != noise.shape:
-            raise ValueError(f"x0 {tuple(original_samples.shape)} and noise {tuple(noise.shape)} must have the same shape")
+            raise ValueError(f"x0 {tuple(original_samples.shape)} and noise {tuple(noise.shape)} must have the same "
+                             f"shape")
         t = self._check_t(timesteps)
         if t.ndim == 0:
             t = t.expand(original_samples.shape[0])
         if t.shape != original_samples.shape[:1]:
-            raise ValueError(f"need one timestep per sample: got {tuple(t.shape)} for a batch of {original_samples.shape[0]}")
+            raise ValueError(f"need one timestep per sample: got {tuple(t.shape)} for a batch of "
+                             f"{original_samples.shape[0]}")
         x0, eps = original_samples.float(), noise.float()
         x_t = (self._per_sample(self.sqrt_alphas_cumprod[t], x0) * x0
                + self._per_sample(self.sqrt_one_minus_alphas_cumprod[t], x0) * eps)

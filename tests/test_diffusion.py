@@ -35,8 +35,6 @@ def test_cfg_scale_one_is_the_plain_conditional_model_and_zero_the_unconditional
 
 def test_cfg_combines_branches_as_uncond_plus_scale_times_difference():
     """With one DDIM step from t = T-1 to x0, x0_hat is linear in eps, so the guided eps can be read back."""
-    sched = DDIMScheduler(clip_sample=False)
-    x = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     outs = {}
     for s in (0.0, 1.0, 3.0):
         outs[s] = sample(Recorder(), DDIMScheduler(clip_sample=False), (2, 1, 4, 4), torch.tensor([0, 1]), 1,

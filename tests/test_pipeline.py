@@ -37,7 +37,8 @@ def test_base_training_resumes_bit_identically_after_a_crash_during_a_checkpoint
             raise Crash()
 
     with pytest.raises(Crash):
-        train.train_base(cfg, tmp_path / "cut", cpu, progress=False, fault_hook=crash_in_second_file_of_third_checkpoint)
+        train.train_base(cfg, tmp_path / "cut", cpu, progress=False,
+                         fault_hook=crash_in_second_file_of_third_checkpoint)
     left = list_checkpoints(tmp_path / "cut" / "base")
     assert [p.name for p in left] == ["ckpt-0000004", "ckpt-0000008"]          # no half-written ckpt-12
     assert not list((tmp_path / "cut" / "base").glob(".tmp-*"))
@@ -95,3 +96,31 @@ def test_bad_command_lines_give_one_line_errors(args, message, tmp_path):
     r = run(*args, "--out", str(tmp_path / "x"))
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_init_from_converted_weights_starts_exactly_at_the_pretrained_model(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None)
+    ref.save_pretrained(tmp_path / "pretrained")
+    r = run("-m", "invdiff_min.convert", str(tmp_path / "pretrained"), str(tmp_path / "converted"))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    cfg = get_preset("tiny")
+    train.apply_init_from(cfg, str(tmp_path / "converted"))
+    assert cfg.unet.num_classes == 2 and cfg.unet.block_out_channels == (16, 32) and cfg.data.resolution == 16
+    from invdiff_min.unet import UNet
+    model = UNet(cfg.unet)
+    train.init_from_converted(model, str(tmp_path / "converted"))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        expected = ref(x, t).sample
+        assert (model(x, t, torch.tensor([0, 1])) - expected).abs().max() < 1e-5   # zero label embedding
+
+    r = run("train.py", "--preset", "tiny", "--init-from", str(tmp_path / "converted"), "--stage", "base",
+            "--steps", "3", "--out", str(tmp_path / "run"), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "initialised from" in r.stdout
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["train"]["init_from"]

@@ -1,0 +1,133 @@
+"""The debiasing comparison on the built-in dataset: one trained base model, several guidance heads.
+
+    python benchmarks/debias.py --run runs/cpu                       # every variant below, on the run's base
+    python benchmarks/debias.py --run runs/cpu --variants invdiff oracle --seeds 0 1 2 --json out.json
+
+Reads the run folder that `python train.py` made (base model, per-sample losses, groups) and trains one head
+per variant and head seed into RUN/bench/<variant>-s<seed>/ (train.py's own invdiff / oracle / uniform heads
+are reused for the run's head seed), then samples every model with the same seeds and
+reports Bias, minority share per class and fidelity at each strength w:
+
+    invdiff               inferred groups (class top-k), group-balanced batches   (our default)
+    invdiff_uniform       inferred groups, uniform batches                        (the official batching)
+    official_groups       the official grouper (G = 8, soft, Adam), balanced batches
+    oracle                hidden (y, b) groups, balanced batches                  (upper bound, not label-free)
+    oracle_uniform        hidden groups, uniform batches
+    uniform               one group: a plain fine-tune of the head                (the control)
+
+Also reports the group-inference quality of the losses (AUC) and groups (NMI, minority share of the
+high-loss groups). Heads already trained are reused (the folders are checkpoints). Prints a Markdown table
+(mean and spread over head seeds) and writes JSON. A benchmark: it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+from invdiff_min.checkpoint import load_tensors, read_json, resolve_checkpoint  # noqa: E402
+from invdiff_min.config import RunConfig  # noqa: E402
+from invdiff_min.data import make_dataset  # noqa: E402
+from invdiff_min.evaluate import generate, judge  # noqa: E402
+from invdiff_min.groups import group_report, official_groups  # noqa: E402
+from invdiff_min.guidance import GuidedModel, load_head  # noqa: E402
+from invdiff_min.checkpoint import load_unet  # noqa: E402
+
+VARIANTS = {  # name: (group source, batch sampling)
+    "invdiff": ("invdiff", "balanced"),
+    "invdiff_uniform": ("invdiff", "uniform"),
+    "official_groups": ("official", "balanced"),
+    "oracle": ("oracle", "balanced"),
+    "oracle_uniform": ("oracle", "uniform"),
+    "uniform": ("uniform", "balanced"),
+}
+
+
+def variant_weights(cfg: RunConfig, run_dir: Path, source: str) -> torch.Tensor:
+    if source != "official":
+        return train.head_weights(cfg, run_dir, source)
+    path = run_dir / "bench" / "official_groups.safetensors"
+    if not path.exists():
+        from invdiff_min.checkpoint import save_tensors
+        g = cfg.groups
+        w = official_groups(load_tensors(run_dir / "losses.safetensors")["loss"], g.num_groups, g.steps, g.lr,
+                            g.w_nz, g.restarts, g.seed)
+        save_tensors(path, {"weights": w})
+    return load_tensors(path)["weights"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder made by train.py (base, losses, groups)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="head training seeds")
+    p.add_argument("--strengths", nargs="+", type=float, default=[1.0, 2.0, 3.0])
+    p.add_argument("--n-per-class", type=int, default=None, help="default: the run's eval.n_per_class")
+    p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+
+    run_dir = Path(args.run)
+    cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
+    device = torch.device(args.device)
+    base_ckpt = resolve_checkpoint(run_dir, "base")
+    base, _, _ = load_unet(base_ckpt, device)
+    data = make_dataset(cfg.data, "train")
+    ec = cfg.eval
+    n = args.n_per_class or ec.n_per_class
+    kw = dict(diffusion_kwargs=cfg.diffusion.scheduler_kwargs(), n_per_class=n, num_classes=2,
+              image_shape=(3, cfg.data.resolution, cfg.data.resolution), sampler=ec.sampler,
+              num_steps=ec.num_steps, guidance_scale=ec.guidance_scale, seed=ec.seed, device=device)
+
+    losses = load_tensors(run_dir / "losses.safetensors")["loss"]
+    report: dict = {"run": str(run_dir), "preset": cfg.preset, "data_seed": cfg.data.seed, "n_per_class": n,
+                    "sampler": f"{ec.sampler}-{ec.num_steps}", "losses": read_json(run_dir / "losses.json"),
+                    "groups": {}, "models": {}}
+    report["models"]["base"] = {"0.0": [judge(*generate(GuidedModel(base, None), **kw))]}
+    for name in args.variants:
+        source, batching = VARIANTS[name]
+        weights = variant_weights(cfg, run_dir, source)
+        if source in ("invdiff", "official"):
+            report["groups"][source] = group_report(weights, losses, data.labels, data.conflicting,
+                                                    data.group).to_dict()
+        results: dict = {}
+        for seed in args.seeds:
+            vcfg = copy.deepcopy(cfg)
+            vcfg.head.batch_sampling, vcfg.head.seed = batching, seed
+            # train.py's own heads (same groups, batching and seed) are reused rather than trained again
+            folder = name if name in ("invdiff", "oracle", "uniform") and seed == cfg.head.seed else f"bench/{name}-s{seed}"
+            train.train_head(vcfg, run_dir, folder, weights, base_ckpt, device, progress=False)
+            head, _ = load_head(run_dir / folder, base, device)
+            for w in args.strengths:
+                model = GuidedModel(base, head, w, cfg.head.mode, cfg.head.mix_ratio)
+                results.setdefault(str(w), []).append(judge(*generate(model, **kw)))
+            print(f"{name} seed {seed}: " + ", ".join(f"w={w} Bias {results[str(w)][-1]['bias']:.3f}"
+                                                     for w in args.strengths), flush=True)
+        report["models"][name] = results
+
+    lines = ["| model | w | Bias | minority share (class 0, 1) | fidelity |", "|---|---|---|---|---|"]
+    for name, by_w in report["models"].items():
+        for w, runs in by_w.items():
+            def stat(values):
+                spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+                return f"{statistics.mean(values):.3f}{spread}"
+            shares = " / ".join(stat([r["minority_share"][c] for r in runs]) for c in range(2))
+            lines.append(f"| {name} | {w} | {stat([r['bias'] for r in runs])} | {shares} | "
+                         f"{stat([r['fidelity'] for r in runs])} |")
+    table = "\n".join(lines)
+    print(table)
+    report["table"] = table
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
