@@ -103,7 +103,8 @@ def main() -> None:
             vcfg = copy.deepcopy(cfg)
             vcfg.head.batch_sampling, vcfg.head.seed = batching, seed
             # train.py's own heads (same groups, batching and seed) are reused rather than trained again
-            folder = name if name in ("invdiff", "oracle", "uniform") and seed == cfg.head.seed else f"bench/{name}-s{seed}"
+            own = name in ("invdiff", "oracle", "uniform") and seed == cfg.head.seed
+            folder = name if own else f"bench/{name}-s{seed}"
             train.train_head(vcfg, run_dir, folder, weights, base_ckpt, device, progress=False)
             head, _ = load_head(run_dir / folder, base, device)
             for w in args.strengths:
