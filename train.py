@@ -162,22 +162,28 @@ def compute_losses(cfg: RunConfig, run_dir: Path, base_ckpt: Path, device: torch
     base, _, _ = load_unet(base_ckpt, device)
     data = make_dataset(cfg.data, "train")
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
-    info: dict = {"base_checkpoint": str(base_ckpt), "num_draws": lc.num_draws, "normalize_per_t": lc.normalize_per_t,
-                  "target": lc.target}
+    info: dict = {"base_checkpoint": str(base_ckpt), "num_draws": lc.num_draws, "reference": lc.reference,
+                  "normalize_per_t": lc.normalize_per_t, "target": lc.target}
     window = tuple(lc.t_window) if lc.t_window else None
     if window is None:  # label-free choice of the t window
         window, scores = auto_t_window(base, scheduler, data.images, data.labels, num_draws=lc.auto_window_draws,
                                        max_samples=lc.auto_window_samples, batch_size=lc.batch_size,
                                        seed=lc.seed + 10_000, device=device, progress=progress)
-        info["t_window_reliability"] = {f"{lo}-{hi}": round(v, 4) for (lo, hi), v in scores.items()}
-        print(f"[losses] t window chosen without labels: [{window[0]}, {window[1]}) "
-              f"(split-half reliability {scores[window]:.3f})")
+        info["t_window_label_effect"] = {f"{lo}-{hi}": round(v, 4) for (lo, hi), v in scores.items()}
+        print(f"[losses] t window chosen without bias labels: [{window[0]}, {window[1]}) "
+              f"(label effect E|log l(y)/l(null)| = {scores[window]:.3f})")
     info["t_window"] = list(window)
     losses = per_sample_losses(base, scheduler, data.images, data.labels, lc.num_draws, window, lc.normalize_per_t,
-                               lc.target, lc.batch_size, lc.seed, device, progress)
+                               lc.target, lc.batch_size, lc.seed, device, progress, lc.reference)
     # evaluation only (hidden labels): how well the loss ranks the bias-conflicting samples
     info["auc"] = auroc(losses, data.conflicting)
     info["auc_per_class"] = [auroc(losses[data.labels == c], data.conflicting[data.labels == c]) for c in range(2)]
+    if compare and lc.reference != "none":  # the paper's plain loss, same window and draws
+        plain = per_sample_losses(base, scheduler, data.images, data.labels, lc.num_draws, window, True, lc.target,
+                                  lc.batch_size, lc.seed, device)
+        info["plain_loss_auc"] = auroc(plain, data.conflicting)
+        info["plain_loss_auc_per_class"] = [auroc(plain[data.labels == c], data.conflicting[data.labels == c])
+                                            for c in range(2)]
     if compare:  # the official recipe: one draw, t ~ U{0..T-1}, raw loss against x0
         official = per_sample_losses(base, scheduler, data.images, data.labels, 1, (0, scheduler.num_train_timesteps),
                                      False, "x0", lc.batch_size, lc.seed, device)

@@ -45,13 +45,14 @@ class TrainConfig:
 @dataclass
 class LossConfig:
     """Stage B, part 1: per-sample denoising losses of the frozen base model."""
-    num_draws: int = 32                    # M (t, eps) draws averaged per sample; official code: 1
+    num_draws: int = 16                    # M (t, eps) draws averaged per sample; official code: 1
     t_window: tuple[int, int] | None = None  # t drawn from [lo, hi); None = chosen label-free (`auto_t_window`)
+    reference: str = "null"                # "null": loss under y / loss under the null label; "none": plain loss
     normalize_per_t: bool = True           # divide each loss by the mean loss at its t; official code: False
     target: str = "eps"                    # "eps" (the paper) or "x0" (what the official code compares with)
     batch_size: int = 500
-    auto_window_draws: int = 8             # auto t window: draws per candidate window (split in two halves)
-    auto_window_samples: int = 600         # auto t window: samples it is estimated on
+    auto_window_draws: int = 4             # auto t window: draws per candidate window
+    auto_window_samples: int = 400         # auto t window: samples it is estimated on
     seed: int = 0
 
 
@@ -145,7 +146,7 @@ def _tiny() -> RunConfig:
         unet=UNetConfig(sample_size=16, block_out_channels=(16, 32), attention_levels=(False, True),
                         layers_per_block=1, norm_num_groups=8, num_classes=2),
         train=TrainConfig(steps=30, batch_size=16, warmup_steps=5, checkpoint_every=15),
-        losses=LossConfig(num_draws=2, batch_size=256, auto_window_draws=4, auto_window_samples=128),
+        losses=LossConfig(num_draws=2, batch_size=256, auto_window_draws=2, auto_window_samples=128),
         groups=GroupConfig(top_fraction=0.1, steps=50),
         head=HeadConfig(block_out_channels=(8, 16), attention_levels=(False, False), norm_num_groups=4, steps=20,
                         batch_size=16, checkpoint_every=10),

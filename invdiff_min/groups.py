@@ -1,12 +1,15 @@
 """Stage B of InvDiff: per-sample losses of the frozen biased model, and bias-annotation inference.
 
 1. Per-sample loss (the signal). Under the frozen base eps_theta, for each training sample i,
-       l_i = (1/M) sum_m  || eps_theta(x_t, t_m, y_i) - eps_m ||^2 / mean_loss(t_m)      (mean over pixels)
+       l_i = (1/M) sum_m  || eps_theta(x_t, t_m, y_i) - eps_m ||^2 / || eps_theta(x_t, t_m, null) - eps_m ||^2
    with x_t = sqrt(abar_t) x0_i + sqrt(1 - abar_t) eps_m and t_m drawn from a window [lo, hi).
-   Bias-conflicting (minority) samples are denoised worse: the model "expects" the majority attribute.
-   The raw eps-MSE depends mostly on t, so each draw is divided by the mean loss at its t (`normalize_per_t`)
-   and M draws are averaged. The official code uses M = 1, t ~ U{0..T-1}, no normalisation, and compares
-   the prediction with x0 instead of eps (`target="x0"`); all of that is available as options.
+   Bias-conflicting (minority) samples are denoised worse: given its label, the model "expects" the majority
+   attribute. Dividing by the loss of the same model under the null label (`reference="null"`, our default)
+   cancels what makes a sample hard regardless of its label (an unusual size or position), which otherwise
+   fills the high-loss tail; the plain loss (`reference="none"`) is the paper's. The raw loss depends mostly
+   on t, so it can be divided by the mean loss at its t (`normalize_per_t`); M draws are averaged. The
+   official code uses M = 1, t ~ U{0..T-1}, no normalisation, and compares the prediction with x0 instead of
+   eps (`target="x0"`); all of that is available as options.
 
 2. Group inference ("maximise L_e" over the assignment). A soft assignment W (N x G, rows on the simplex)
    is chosen to maximise the spread of the group risks R_g = sum_i W_ig l_i / sum_i W_ig.
@@ -36,15 +39,27 @@ from .scheduler import _NoiseSchedule
 @torch.no_grad()
 def loss_draws(model, scheduler: _NoiseSchedule, images: torch.Tensor, labels: torch.Tensor, num_draws: int,
                t_window: tuple[int, int], target: str = "eps", batch_size: int = 500, seed: int = 0,
-               device: torch.device | str = "cpu", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw per-draw losses. images (N, C, H, W) in [0, 1]. Returns (losses, t), both (N, M).
+               device: torch.device | str = "cpu", progress: bool = False,
+               reference: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-draw losses. images (N, C, H, W) in [0, 1]. Returns (losses, t), both (N, M).
 
+    reference="none": the loss ||eps_theta(x_t, t, y) - eps||^2 itself.
+    reference="null": its ratio to the loss of the same model, same x_t, under the null label,
+        ||eps_theta(x_t, t, y) - eps||^2 / ||eps_theta(x_t, t, null) - eps||^2,
+    i.e. how much the class condition hurts. A sample that is merely hard (a rare position or size) is hard
+    with or without its label and scores about 1; a bias-conflicting sample is hurt by its label, because
+    the label pulls the prediction toward the majority attribute, and scores above 1.
     Deterministic given `seed`: t and eps are drawn on the CPU per (draw, batch)."""
     lo, hi = t_window
     if not 0 <= lo < hi <= scheduler.num_train_timesteps:
         raise ValueError(f"t_window must satisfy 0 <= lo < hi <= {scheduler.num_train_timesteps}, got {t_window}")
     if target not in ("eps", "x0"):
         raise ValueError(f"target must be 'eps' (the paper) or 'x0' (the official code), got {target!r}")
+    if reference not in ("none", "null"):
+        raise ValueError(f"reference must be 'none' or 'null', got {reference!r}")
+    null_label = getattr(model, "null_label", None)
+    if reference == "null" and null_label is None:
+        raise ValueError("reference='null' needs a class-conditional model with a null label")
     n = len(images)
     losses = torch.empty(n, num_draws)
     ts = torch.empty(n, num_draws, dtype=torch.long)
@@ -58,8 +73,15 @@ def loss_draws(model, scheduler: _NoiseSchedule, images: torch.Tensor, labels: t
             t = torch.randint(lo, hi, (len(x0),), generator=g)
             eps = torch.randn(x0.shape, generator=g)
             x0, t, eps = x0.to(device), t.to(device), eps.to(device)
-            pred = model(scheduler.add_noise(x0, eps, t), t, labels[sl].to(device))
-            losses[sl, m] = per_sample_mse(pred, eps if target == "eps" else x0).cpu()
+            x_t, y = scheduler.add_noise(x0, eps, t), labels[sl].to(device)
+            wanted = eps if target == "eps" else x0
+            if reference == "null":   # one batched call: [labels, null]
+                pred_y, pred_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                          torch.cat([y, torch.full_like(y, null_label)])).chunk(2)
+                loss = per_sample_mse(pred_y, wanted) / per_sample_mse(pred_null, wanted).clamp(min=1e-12)
+            else:
+                loss = per_sample_mse(model(x_t, t, y), wanted)
+            losses[sl, m] = loss.cpu()
             ts[sl, m] = t.cpu()
             bar.update()
     bar.close()
@@ -80,35 +102,23 @@ def normalize_by_t(losses: torch.Tensor, ts: torch.Tensor, num_bins: int = 50) -
 
 def per_sample_losses(model, scheduler, images, labels, num_draws: int, t_window: tuple[int, int],
                       normalize_per_t: bool = True, target: str = "eps", batch_size: int = 500, seed: int = 0,
-                      device="cpu", progress: bool = False) -> torch.Tensor:
+                      device="cpu", progress: bool = False, reference: str = "none") -> torch.Tensor:
     """l_i of the module docstring: (N,) float32."""
     losses, ts = loss_draws(model, scheduler, images, labels, num_draws, t_window, target, batch_size, seed,
-                            device, progress)
+                            device, progress, reference)
     if normalize_per_t:
         losses = normalize_by_t(losses, ts)
     return losses.mean(1)
 
 
-def split_half_reliability(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> float:
-    """Pearson correlation between two independent estimates of the per-sample loss, after centring and
-    scaling within each class: how much of the per-sample loss is a property of the sample, not of the draw."""
-    def standardise(x):
-        out = torch.empty_like(x)
-        for c in labels.unique():
-            sel = labels == c
-            out[sel] = (x[sel] - x[sel].mean()) / x[sel].std().clamp(min=1e-12)
-        return out
-    a, b = standardise(a.double()), standardise(b.double())
-    return float((a * b).mean() / (a.std() * b.std()).clamp(min=1e-12))
-
-
-def auto_t_window(model, scheduler, images, labels, width: int = 300, stride: int = 100, num_draws: int = 8,
-                  max_samples: int = 800, batch_size: int = 500, seed: int = 0, device="cpu",
+def auto_t_window(model, scheduler, images, labels, width: int = 300, stride: int = 100, num_draws: int = 4,
+                  max_samples: int = 400, batch_size: int = 500, seed: int = 0, device="cpu",
                   progress: bool = False) -> tuple[tuple[int, int], dict]:
-    """Choose the t window without labels: the window where the (per-t normalised) per-sample loss is most
-    reproducible across independent draws (highest split-half reliability, within class). There the loss
-    measures something about the sample, such as an unexpected attribute, rather than the noise draw.
-    Uses a subset of `max_samples` samples. Returns ((lo, hi), {window: reliability})."""
+    """Choose the t window without bias labels: the window where the class label changes the model's
+    denoising loss the most, E_i,m |log(l(y_i) / l(null))| over a subset of `max_samples` samples.
+    That is where the model uses its condition to decide the image's coarse content (layout, background),
+    which is where a spurious attribute tied to the class is decided; at small t the image decides and the
+    label hardly matters. Returns ((lo, hi), {window: label effect})."""
     T = scheduler.num_train_timesteps
     g = torch.Generator().manual_seed(seed)
     sub = torch.randperm(len(images), generator=g)[:max_samples]
@@ -116,11 +126,9 @@ def auto_t_window(model, scheduler, images, labels, width: int = 300, stride: in
     scores = {}
     starts = list(range(0, T - width + 1, stride))
     for i, lo in enumerate(tqdm(starts, desc="B. choosing the t window", disable=not progress)):
-        losses, ts = loss_draws(model, scheduler, imgs, labs, num_draws, (lo, lo + width), "eps", batch_size,
-                                seed + 1 + i, device)
-        norm = normalize_by_t(losses, ts, num_bins=10)
-        half = num_draws // 2
-        scores[(lo, lo + width)] = split_half_reliability(norm[:, :half].mean(1), norm[:, half:].mean(1), labs)
+        ratios, _ = loss_draws(model, scheduler, imgs, labs, num_draws, (lo, lo + width), "eps", batch_size,
+                               seed + 1 + i, device, reference="null")
+        scores[(lo, lo + width)] = float(ratios.log().abs().mean())
     best = max(scores, key=scores.get)
     return best, scores
 

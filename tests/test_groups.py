@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from invdiff_min.groups import (class_topk_groups, group_report, group_risks, normalize_by_t, official_groups,
-                                oracle_groups, per_sample_losses, split_half_reliability, uniform_groups)
+from invdiff_min.groups import (auto_t_window, class_topk_groups, group_report, group_risks, normalize_by_t, official_groups,
+                                oracle_groups, per_sample_losses, uniform_groups)
 from invdiff_min.scheduler import DDPMScheduler
 
 
@@ -61,14 +61,6 @@ def test_normalize_by_t_removes_the_t_dependence():
     assert torch.allclose(norm, torch.ones_like(norm), atol=1e-5)
 
 
-def test_split_half_reliability():
-    g = torch.Generator().manual_seed(0)
-    signal, labels = torch.randn(400, generator=g), torch.arange(400) % 2
-    a, b = signal + 0.1 * torch.randn(400, generator=g), signal + 0.1 * torch.randn(400, generator=g)
-    assert split_half_reliability(a, b, labels) > 0.95
-    assert abs(split_half_reliability(torch.randn(400, generator=g), torch.randn(400, generator=g), labels)) < 0.2
-
-
 class _Model(torch.nn.Module):
     """A fake eps-predictor: predicts 0, so the loss is ||eps||^2 (x0 target: ||x0||^2)."""
     def forward(self, x, t, y):
@@ -85,3 +77,29 @@ def test_per_sample_losses_are_deterministic_and_use_the_requested_target():
     assert torch.allclose(x0, (images * 2 - 1).pow(2).flatten(1).mean(1))
     with pytest.raises(ValueError, match="t_window"):
         per_sample_losses(_Model(), sched, images, labels, 1, (500, 1500))
+
+
+class _LabelHurts(torch.nn.Module):
+    """Predicts 0 under the null label; under a real label adds an offset of 0.5 to the samples flagged in
+    `mask`, and only for t in [600, 900): the label hurts them there. (Called on [batch, batch].)"""
+    null_label = 2
+
+    def forward(self, x, t, y):
+        flagged = self.mask.repeat(len(x) // len(self.mask))
+        hurt = ((y != 2) & (t >= 600) & (t < 900)).float() * flagged
+        return torch.zeros_like(x) + 0.5 * hurt.view(-1, 1, 1, 1)
+
+
+def test_null_reference_ratio_and_label_free_window():
+    sched = DDPMScheduler()
+    images, labels = torch.rand(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)   # 768 pixels: a steady ratio
+    model = _LabelHurts()
+    model.mask = torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0])
+    ratio = per_sample_losses(model, sched, images, labels, 8, (600, 900), normalize_per_t=False, reference="null",
+                              batch_size=8)
+    assert (ratio[model.mask.bool()] > 1.1).all() and torch.allclose(ratio[~model.mask.bool()], torch.ones(6))
+    model.mask = torch.ones(8)
+    window, scores = auto_t_window(model, sched, images, labels, width=300, stride=100, num_draws=2, batch_size=8)
+    assert window == (600, 900) and scores[(600, 900)] > scores[(500, 800)] > scores[(0, 300)] == 0.0
+    with pytest.raises(ValueError, match="null label"):
+        per_sample_losses(_Model(), sched, images, labels, 1, (0, 10), reference="null")
