@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from invdiff_min.groups import (auto_t_window, class_topk_groups, group_report, group_risks, normalize_by_t, official_groups,
-                                oracle_groups, per_sample_losses, uniform_groups)
+from invdiff_min.groups import (auto_t_window, class_topk_groups, group_report, group_risks, normalize_by_t,
+                                official_groups, oracle_groups, per_sample_losses, uniform_groups)
 from invdiff_min.scheduler import DDPMScheduler
 
 
