@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -314,10 +315,10 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, base_ckpt: Path, heads: list[str
     kw = dict(diffusion_kwargs=cfg.diffusion.scheduler_kwargs(), n_per_class=ec.n_per_class,
               num_classes=cfg.unet.num_classes, image_shape=shape, sampler=ec.sampler, num_steps=ec.num_steps,
               guidance_scale=ec.guidance_scale, seed=ec.seed, device=device)
+    data = make_dataset(cfg.data, "train")
     summary: dict = {"preset": cfg.preset, "data_seed": cfg.data.seed, "strength": ec.strength,
                      "sampler": f"{ec.sampler}-{ec.num_steps}", "n_per_class": ec.n_per_class,
-                     "training_data": judge(make_dataset(cfg.data, "train").images,
-                                            make_dataset(cfg.data, "train").labels)}
+                     "training_data": judge(data.images, data.labels)}
     images, labels = generate(GuidedModel(base, None), **kw)
     summary["base"] = judge(images, labels)
     grids = {"base": images}
@@ -375,7 +376,6 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, args) -> None:
     if cfg_file.exists():
         saved = read_json(cfg_file)["config"]
         if args.overwrite:
-            import shutil
             shutil.rmtree(run_dir)
         elif not args.resume:
             raise SystemExit(f"error: run folder {run_dir} already exists; pass --resume to continue it, "
