@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
+from pickle import UnpicklingError  # the error torch.load(weights_only=True) raises
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +63,7 @@ def read_tensor_file(path: Path):
         return load_file(str(path))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:   # torch's message names the object, e.g. "GLOBAL io.open"
+    except UnpicklingError as e:   # torch's message names the object, e.g. "GLOBAL io.open"
         m = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|$)", str(e), re.M)
         what = m[1] if m else "an object torch's weights-only loader does not admit"
         raise ConversionError(
