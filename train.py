@@ -144,9 +144,7 @@ def apply_init_from(cfg: RunConfig, path: str) -> None:
     """Take the architecture and noise schedule of a converted checkpoint; the built-in data at its resolution."""
     _, state, _ = load_unet(path, "cpu", weights="model")
     conv = state["config"]
-    unet = {k: tuple(v) if isinstance(v, list) else v for k, v in conv["unet"].items()}
-    unet["num_classes"] = 2
-    cfg.unet = UNetConfig(**unet)
+    cfg.unet = UNetConfig.from_dict(conv["unet"], num_classes=2)
     cfg.diffusion = DiffusionConfig(**conv["diffusion"])
     cfg.data.resolution = cfg.unet.sample_size
     cfg.train.init_from = str(path)

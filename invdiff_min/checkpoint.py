@@ -181,7 +181,7 @@ def load_unet(path: str | Path, device: torch.device | str = "cpu", weights: str
         raise CheckpointError(f"{ckpt / 'state.json'} has no config.unet; it was not written by invdiff-min "
                               f"(convert foreign weights with python -m invdiff_min.convert)")
     try:
-        model = UNet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["unet"].items()}))
+        model = UNet(UNetConfig.from_dict(cfg["unet"]))
     except TypeError as e:
         raise CheckpointError(f"config.unet in {ckpt / 'state.json'} does not fit this version's UNetConfig: {e}")
     name = weights if (ckpt / f"{weights}.safetensors").is_file() else "model"

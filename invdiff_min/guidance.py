@@ -167,7 +167,7 @@ def load_head(stage_dir, base: UNet, device="cpu") -> tuple[InvariantGuidance, d
     if state.get("base_fingerprint") != fingerprint(base.state_dict()):
         raise CheckpointError(f"the head in {ckpt} was trained on a different base model than the one loaded "
                               f"(fingerprint mismatch); use the base it was trained on: {state.get('base_checkpoint')}")
-    net_cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["head_net"].items()})
+    net_cfg = UNetConfig.from_dict(state["head_net"])
     head = InvariantGuidance(net_cfg, base.config.num_classes)
     load_state_into(head, load_tensors(ckpt / "head.safetensors"), f"{ckpt / 'head.safetensors'}")
     return head.to(device).eval(), state

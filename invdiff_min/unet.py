@@ -58,6 +58,11 @@ class UNetConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "UNetConfig":
+        """Inverse of `to_dict` after a JSON round trip (lists back to tuples)."""
+        return cls(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}, **overrides})
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> torch.Tensor:
