@@ -238,6 +238,7 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
             InvariantGuidance.small(base.config, hc.block_out_channels, hc.layers_per_block, hc.attention_levels,
                                     hc.norm_num_groups)).to(device)
     model = GuidedModel(base, head, strength=1.0, mode=hc.mode, mix_ratio=hc.mix_ratio)
+    head_ema = copy.deepcopy(head).requires_grad_(False)             # the weights that sample (EMA)
     opt = torch.optim.AdamW(head.parameters(), lr=hc.lr)
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
     batches = GroupBatchSampler(weights, hc.batch_size, hc.batch_sampling)
@@ -248,6 +249,9 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
         if state.get("base_fingerprint") != base_id:
             raise CheckpointError(f"{ckpts[-1]} was trained on another base model; use --overwrite to retrain")
         load_state_into(head, load_tensors(ckpts[-1] / "head.safetensors"), f"{ckpts[-1]}/head.safetensors")
+        ema_file = ckpts[-1] / "head_ema.safetensors"   # heads saved before the EMA existed: start it here
+        ema_state = load_tensors(ema_file) if ema_file.exists() else head.state_dict()
+        load_state_into(head_ema, ema_state, str(ema_file))
         optimizer_from_tensors(opt, load_tensors(ckpts[-1] / "optimizer.safetensors"), state["optimizer"])
         start = state["step"]
         history[:start] = load_tensors(ckpts[-1] / "history.safetensors")["loss"][:start]
@@ -260,11 +264,15 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
     bar = tqdm(range(start, hc.steps), desc=f"C. head ({name})", disable=not progress, initial=start, total=hc.steps)
     for step in bar:
         g = step_generator(hc.seed + 7, step)
-        idx = batches.sample(g)
+        idx, slots = batches.sample(g)
         x0 = to_model_range(data.images[idx]).to(device)
         y, w = data.labels[idx].to(device), weights[idx].to(device)
-        t = torch.randint(0, scheduler.num_train_timesteps, (len(idx),), generator=g).to(device)
-        eps = torch.randn(x0.shape, generator=g).to(device)
+        # paired draws: the j-th sample of every group gets the j-th (t, eps), so the spread of the group risks
+        # R_g reflects the groups, not which t each happened to draw (the variance term is otherwise mostly noise)
+        n_draws = int(slots.max()) + 1 if hc.paired_draws else len(idx)
+        draw = slots if hc.paired_draws else torch.arange(len(idx))
+        t = torch.randint(0, scheduler.num_train_timesteps, (n_draws,), generator=g)[draw].to(device)
+        eps = torch.randn((n_draws, *x0.shape[1:]), generator=g)[draw].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             eps_hat = model(scheduler.add_noise(x0, eps, t), t, y)     # eps_theta + G_psi
         loss, _ = invariant_loss(per_sample_mse(eps_hat, eps), w, hc.lam)  # L_e
@@ -276,11 +284,13 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), hc.grad_clip)
         opt.step()
+        update_ema(head_ema, head, hc.ema_decay)
         history[step] = loss.item()
         bar.set_postfix(L_e=f"{history[max(0, step - 49):step + 1].mean():.4f}")
         if (step + 1) % hc.checkpoint_every == 0 or step + 1 == hc.steps:
             opt_tensors, opt_meta = optimizer_to_tensors(opt)
-            save_checkpoint(stage_dir, step + 1, {"head": head.state_dict(), "optimizer": opt_tensors,
+            save_checkpoint(stage_dir, step + 1, {"head": head.state_dict(), "head_ema": head_ema.state_dict(),
+                                                  "optimizer": opt_tensors,
                                                   "history": {"loss": history}},
                             {"config": cfg.to_dict(), "optimizer": opt_meta, "base_checkpoint": str(base_ckpt),
                              "base_fingerprint": base_id, "groups": name,

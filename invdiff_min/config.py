@@ -82,6 +82,8 @@ class HeadConfig:
     mix_ratio: float = 0.5                 # official mix r (only for mode="mix")
     lam: float = 1.0                       # lambda of L_e = mean_g R_g + lambda Var_g R_g
     batch_sampling: str = "balanced"       # "balanced" over groups (ours) or "uniform" (official)
+    paired_draws: bool = True              # balanced batches: groups share their (t, eps) draws slot by slot
+    ema_decay: float = 0.995               # EMA of the head's weights, used for sampling (0 = no EMA)
     steps: int = 1500
     batch_size: int = 64
     lr: float = 1e-3

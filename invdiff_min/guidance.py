@@ -120,6 +120,9 @@ class GroupBatchSampler:
     uniform:  i ~ U{0..N-1} (the official way);
     balanced: each group g with sum_i W_ig > 0 gets B / G_present slots (remainder spread at random), filled
               by drawing i with probability W_ig / sum_j W_jg (soft groups are sampled by their weights).
+    `sample` also returns each sample's slot: its position within its group's block (balanced) or within the
+    batch (uniform). Samples of different groups that share a slot can share one (t, eps) draw, so that
+    R_g - R_g' compares groups on the same noise instead of on different t (a paired design, see train.py).
     Randomness comes from the generator passed to `sample`, so a step's batch depends on (seed, step) only."""
 
     def __init__(self, weights: torch.Tensor, batch_size: int, mode: str = "balanced"):
@@ -128,16 +131,17 @@ class GroupBatchSampler:
         self.weights, self.batch_size, self.mode = weights.float(), batch_size, mode
         self.groups = (self.weights.sum(0) > 0).nonzero().squeeze(1)
 
-    def sample(self, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (indices (B,), slots (B,))."""
         n, b = self.weights.shape[0], self.batch_size
         if self.mode == "uniform":
-            return torch.randint(0, n, (b,), generator=generator)
+            return torch.randint(0, n, (b,), generator=generator), torch.arange(b)
         k = len(self.groups)
         counts = torch.full((k,), b // k)
         counts[torch.randperm(k, generator=generator)[: b % k]] += 1
         idx = [torch.multinomial(self.weights[:, g], int(c), replacement=True, generator=generator)
                for g, c in zip(self.groups.tolist(), counts.tolist()) if c > 0]
-        return torch.cat(idx)
+        return torch.cat(idx), torch.cat([torch.arange(int(c)) for c in counts.tolist() if c > 0])
 
 
 @dataclass
@@ -155,8 +159,8 @@ def head_size(head: nn.Module, base: nn.Module) -> HeadSize:
 
 
 def load_head(stage_dir, base: UNet, device="cpu") -> tuple[InvariantGuidance, dict]:
-    """Rebuild a trained head from its newest checkpoint in `stage_dir` (e.g. runs/cpu/invdiff) and check,
-    by fingerprint, that it was trained on this very base model."""
+    """Rebuild a trained head (its EMA weights) from its newest checkpoint in `stage_dir` (e.g. runs/cpu/invdiff)
+    and check, by fingerprint, that it was trained on this very base model."""
     from pathlib import Path
 
     stage_dir = Path(stage_dir)
@@ -169,5 +173,7 @@ def load_head(stage_dir, base: UNet, device="cpu") -> tuple[InvariantGuidance, d
                               f"(fingerprint mismatch); use the base it was trained on: {state.get('base_checkpoint')}")
     net_cfg = UNetConfig.from_dict(state["head_net"])
     head = InvariantGuidance(net_cfg, base.config.num_classes)
-    load_state_into(head, load_tensors(ckpt / "head.safetensors"), f"{ckpt / 'head.safetensors'}")
+    # the EMA of the head's weights is what samples (older runs without one: the raw weights)
+    name = "head_ema.safetensors" if (ckpt / "head_ema.safetensors").exists() else "head.safetensors"
+    load_state_into(head, load_tensors(ckpt / name), f"{ckpt / name}")
     return head.to(device).eval(), state

@@ -70,13 +70,23 @@ def test_head_is_at_most_a_quarter_of_the_base_in_every_preset():
 def test_balanced_batches_represent_every_group_equally():
     weights = torch.nn.functional.one_hot(torch.tensor([0] * 95 + [1] * 5), 2).float()
     sampler = GroupBatchSampler(weights, batch_size=64, mode="balanced")
-    idx = torch.cat([sampler.sample(torch.Generator().manual_seed(s)) for s in range(20)])
+    idx = torch.cat([sampler.sample(torch.Generator().manual_seed(s))[0] for s in range(20)])
     share = float((idx >= 95).float().mean())
     assert share == pytest.approx(0.5)
-    uniform = GroupBatchSampler(weights, 64, "uniform").sample(torch.Generator().manual_seed(0))
-    assert uniform.shape == (64,)
-    a = sampler.sample(torch.Generator().manual_seed(3))
-    assert torch.equal(a, sampler.sample(torch.Generator().manual_seed(3)))
+    uniform, slots = GroupBatchSampler(weights, 64, "uniform").sample(torch.Generator().manual_seed(0))
+    assert uniform.shape == (64,) and torch.equal(slots, torch.arange(64))
+    a, _ = sampler.sample(torch.Generator().manual_seed(3))
+    assert torch.equal(a, sampler.sample(torch.Generator().manual_seed(3))[0])
+
+
+def test_balanced_slots_pair_the_groups():
+    """Slot j of every group's block is the same position, so groups can share the j-th (t, eps) draw."""
+    weights = torch.nn.functional.one_hot(torch.arange(30) % 3, 3).float()
+    idx, slots = GroupBatchSampler(weights, batch_size=10, mode="balanced").sample(torch.Generator().manual_seed(1))
+    groups = idx % 3
+    for g in range(3):
+        assert torch.equal(slots[groups == g], torch.arange(int((groups == g).sum())))
+    assert sorted(int((groups == g).sum()) for g in range(3)) == [3, 3, 4]
 
 
 def test_official_mix_head_is_a_copy_of_the_base():
