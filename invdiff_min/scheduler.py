@@ -14,12 +14,37 @@ abar_t = prod_{s <= t} alpha_s (`alphas_cumprod`).
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 from torch import nn
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _as_int(value, name: str) -> int:
+    """An integer argument: a Python or NumPy integer or a one-element integer tensor (never a bool or float)."""
+    is_bool = isinstance(value, bool) or type(value).__name__ == "bool_" or (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    try:
+        if is_bool:
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}; pass int(...)") from None
+
+
+def _check_sample(x, name: str) -> None:
+    """Samples, noise and model outputs: floating-point tensors of at least one dimension (the batch)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}; wrap it with torch.as_tensor(...)")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor (images in [-1, 1]), got dtype {x.dtype}; "
+                         f"convert with .float()")
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have a batch dimension, e.g. (B, C, H, W); got a 0-d tensor")
 
 
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str) -> torch.Tensor:
@@ -31,6 +56,11 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
                        abar(t) = cos^2(((t/T) + 0.008) / 1.008 * pi/2)               (Nichol & Dhariwal)
     """
     T = num_train_timesteps
+    if beta_schedule in ("linear", "scaled_linear"):
+        for name, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if not isinstance(beta, numbers.Real) or isinstance(beta, bool) or not 0 < beta < 1:
+                raise ValueError(f"{name} must be a number in (0, 1), got {beta!r}; the DDPM default is "
+                                 f"beta_start=0.0001, beta_end=0.02")
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if beta_schedule == "scaled_linear":
@@ -49,10 +79,18 @@ class _NoiseSchedule(nn.Module):
                  beta_schedule: str = "linear", clip_sample: bool = True, clip_sample_range: float = 1.0,
                  timestep_spacing: str = "leading", steps_offset: int = 0):
         super().__init__()
+        num_train_timesteps = _as_int(num_train_timesteps, "num_train_timesteps")
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+        steps_offset = _as_int(steps_offset, "steps_offset")
+        if not 0 <= steps_offset < num_train_timesteps:
+            raise ValueError(f"steps_offset must lie in [0, {num_train_timesteps - 1}], got {steps_offset}; "
+                             f"diffusers' configs use 0 or 1")
+        if clip_sample and not (isinstance(clip_sample_range, numbers.Real) and clip_sample_range > 0):
+            raise ValueError(f"clip_sample_range must be a number > 0 (x0_hat is clipped to [-r, r]), got "
+                             f"{clip_sample_range!r}; the default is 1.0, or pass clip_sample=False")
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
         self.clip_sample = clip_sample
@@ -62,6 +100,7 @@ class _NoiseSchedule(nn.Module):
 
         betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule)  # float64
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)                             # abar_t
+        self._check_alphas_cumprod(alphas_cumprod.float(), beta_start, beta_end)
         self.register_buffer("betas", betas.float())
         self.register_buffer("alphas", (1.0 - betas).float())
         self.register_buffer("alphas_cumprod", alphas_cumprod.float())
@@ -70,10 +109,32 @@ class _NoiseSchedule(nn.Module):
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
 
+    @staticmethod
+    def _check_alphas_cumprod(abar: torch.Tensor, beta_start, beta_end) -> None:
+        """Sampling divides by sqrt(abar_t) and by 1 - abar_t: both must be nonzero in float32."""
+        if bool(((abar > 0) & (abar < 1)).all()):
+            return
+        i = int((~((abar > 0) & (abar < 1))).nonzero()[0, 0])
+        fix = "raise beta_start (>= 1e-7)" if float(abar[i]) >= 1 else "lower beta_end or num_train_timesteps"
+        raise ValueError(f"this schedule (beta_start={beta_start}, beta_end={beta_end}, {len(abar)} steps) gives "
+                         f"abar_{i} = {float(abar[i])} in float32, but abar_t must lie strictly between 0 and 1 "
+                         f"or sampling divides by zero; {fix}")
+
+    def _check_timestep(self, timestep) -> int:
+        """The timestep of one reverse step: an integer in [0, T - 1]."""
+        t = _as_int(timestep, "timestep")
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep must lie in [0, {self.num_train_timesteps - 1}], got {t}; step through "
+                             f"scheduler.timesteps")
+        return t
+
     # ----- forward process -------------------------------------------------------------------------------
     def _check_t(self, t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=self.alphas_cumprod.device)
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
+        try:
+            t = torch.as_tensor(t, device=self.alphas_cumprod.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"timesteps must be an integer or an integer tensor, got {type(t).__name__}") from None
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise ValueError(f"timesteps must be integers, got dtype {t.dtype}; pass t.long()")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
             raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], "
@@ -87,6 +148,8 @@ class _NoiseSchedule(nn.Module):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """q_sample: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, computed in float32."""
+        _check_sample(original_samples, "original_samples")
+        _check_sample(noise, "noise")
         if original_samples.shape != noise.shape:
             raise ValueError(f"x0 {tuple(original_samples.shape)} and noise {tuple(noise.shape)} must have the same "
                              f"shape")
@@ -96,6 +159,9 @@ class _NoiseSchedule(nn.Module):
         if t.shape != original_samples.shape[:1]:
             raise ValueError(f"need one timestep per sample: got {tuple(t.shape)} for a batch of "
                              f"{original_samples.shape[0]}")
+        if original_samples.device != t.device or noise.device != t.device:
+            raise ValueError(f"samples on {original_samples.device} and noise on {noise.device}, but the schedule "
+                             f"is on {t.device}; move it with scheduler.to(device)")
         x0, eps = original_samples.float(), noise.float()
         x_t = (self._per_sample(self.sqrt_alphas_cumprod[t], x0) * x0
                + self._per_sample(self.sqrt_one_minus_alphas_cumprod[t], x0) * eps)
@@ -126,17 +192,37 @@ class _NoiseSchedule(nn.Module):
         Any n in [1, T] works; the previous timestep of each step is the next entry.
         """
         T = self.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {num_inference_steps!r}")
-        n = num_inference_steps
+        msg = f"num_inference_steps must be an integer in [1, {T}], got {num_inference_steps!r}"
+        try:
+            n = _as_int(num_inference_steps, "num_inference_steps")
+        except ValueError:
+            raise ValueError(msg) from None
+        if not 1 <= n <= T:
+            raise ValueError(msg)
         if self.timestep_spacing == "leading":
             ts = torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n) + self.steps_offset
-        elif self.timestep_spacing == "trailing":
-            ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
+            if ts[0] > T - 1:
+                raise ValueError(f"steps_offset={self.steps_offset} pushes the first of {n} timesteps to "
+                                 f"{int(ts[0])}, past T - 1 = {T - 1}; lower steps_offset or num_inference_steps")
+        elif self.timestep_spacing == "trailing":  # float steps can leave an extra ~0 entry (-1): keep n
+            ts = torch.arange(T, 0, -T / n, dtype=torch.float64)[:n].round() - 1
         else:
             ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
         self.num_inference_steps = n
         self.timesteps = ts.long().to(device if device is not None else "cpu")
+
+    @staticmethod
+    def _check_step_inputs(model_output, sample, variance_noise) -> None:
+        _check_sample(model_output, "model_output")
+        _check_sample(sample, "sample")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} must have "
+                             f"the same shape (the model predicts the noise in the sample)")
+        if variance_noise is not None:
+            _check_sample(variance_noise, "variance_noise")
+            if variance_noise.shape != sample.shape:
+                raise ValueError(f"variance_noise {tuple(variance_noise.shape)} must have the sample's shape "
+                                 f"{tuple(sample.shape)}")
 
     def previous_timestep(self, timestep: int) -> int:
         """The timestep after `timestep` in `timesteps` (-1 after the last one)."""
@@ -180,7 +266,8 @@ class DDPMScheduler(_NoiseSchedule):
 
     def variance(self, timestep: int) -> torch.Tensor:
         """sigma_t^2 of the step from `timestep` to the previous timestep (see the class docstring)."""
-        t, prev = int(timestep), self.previous_timestep(timestep)
+        t = self._check_timestep(timestep)
+        prev = self.previous_timestep(t)
         abar_t, abar_prev = self.alphas_cumprod[t], self._abar(prev)
         beta_t = 1 - abar_t / abar_prev                                  # beta'_t
         if self.variance_type.startswith("fixed_large"):
@@ -190,7 +277,9 @@ class DDPMScheduler(_NoiseSchedule):
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
              generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None) -> torch.Tensor:
         """One reverse step x_t -> x_{t-1}; returns x_{t-1}. No noise is added at t = 0."""
-        t, prev = int(timestep), self.previous_timestep(timestep)
+        self._check_step_inputs(model_output, sample, variance_noise)
+        t = self._check_timestep(timestep)
+        prev = self.previous_timestep(t)
         abar_t, abar_prev = self.alphas_cumprod[t], self._abar(prev)
         alpha_t = abar_t / abar_prev                                     # alpha'_t
         beta_t = 1 - alpha_t                                             # beta'_t
@@ -230,9 +319,12 @@ class DDIMScheduler(_NoiseSchedule):
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
              variance_noise: torch.Tensor | None = None) -> torch.Tensor:
         """One DDIM step x_t -> x_prev; returns x_prev."""
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        t, prev = int(timestep), self.previous_timestep(timestep)
+        if not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:  # eta > 1: sqrt(1 - abar_prev - sigma^2) can be NaN
+            raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM posterior variance), "
+                             f"got {eta!r}")
+        self._check_step_inputs(model_output, sample, variance_noise)
+        t = self._check_timestep(timestep)
+        prev = self.previous_timestep(t)
         abar_t, abar_prev = self.alphas_cumprod[t], self._abar(prev, self.final_alpha_cumprod)
         x0 = self.predict_x0(model_output, t, sample)
         eps = model_output
