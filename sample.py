@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from invdiff_min.checkpoint import CheckpointError, list_checkpoints, load_unet, save_tensors, write_json
-from invdiff_min.evaluate import generate, judge
+from invdiff_min.data import DataConfig
+from invdiff_min.evaluate import generate, make_judge
 from invdiff_min.guidance import GuidedModel, load_head
 from invdiff_min.plots import save_grid
 
@@ -95,10 +96,15 @@ def main(argv=None) -> int:
               title=f"{head_note}; {args.sampler}-{num_steps}, CFG scale {args.guidance_scale}")
     print(f"{len(images)} images ({head_note}) -> {out / 'samples.safetensors'} and {out / 'grid.png'}")
     if args.evaluate:
-        if num_classes != 2 or cfg.get("data", {}).get("name") != "shapes":
-            raise SystemExit("error: --evaluate reads the built-in dataset's attributes; this model was not "
-                             "trained on it")
-        metrics = judge(images, labels)
+        if not num_classes or "data" not in cfg or run_dir is None:
+            raise SystemExit("error: --evaluate needs a class-conditional model inside a train.py run folder "
+                             "(it judges samples by the run's dataset)")
+        try:
+            judge = make_judge(DataConfig(**cfg["data"]), run_dir / "judges", device,
+                               cfg.get("eval", {}).get("judge_steps", 400))
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise SystemExit(f"error: cannot build the judge of dataset {cfg['data'].get('name')!r}: {e}")
+        metrics = {**judge(images, labels), "judged_by": judge.how}
         write_json(out / "metrics.json", metrics)
         print(f"Bias {metrics['bias']:.3f}, minority share per class "
               f"{[round(m, 3) for m in metrics['minority_share']]}, fidelity {metrics['fidelity']:.3f} "

@@ -1,4 +1,4 @@
-"""Train InvDiff end to end on the built-in biased dataset (or any stage of it).
+"""Train InvDiff end to end on the built-in biased dataset or a real one (or any stage of it).
 
     A. base     a class-conditional DDPM eps_theta on the biased data (L_simple)         -> run/base/
     B. losses   per-sample denoising losses of the frozen base                          -> run/losses.safetensors
@@ -11,6 +11,8 @@
     python train.py --stage base                 # one stage; later stages read the earlier outputs
     python train.py --resume                     # continue an interrupted run; finished stages are skipped
     python train.py --compare                    # also the oracle-group and uniform-weight reference heads
+    python train.py --dataset cmnist             # Colored-MNIST-5k (pip install -e ".[cmnist]")
+    python train.py --dataset waterbirds --data-root /data/waterbirds --resolution 32 --preset gpu
 """
 from __future__ import annotations
 
@@ -30,14 +32,14 @@ from invdiff_min.checkpoint import (CheckpointError, fingerprint, list_checkpoin
                                     load_unet, optimizer_from_tensors, optimizer_to_tensors, read_json,
                                     resolve_checkpoint, save_checkpoint, save_tensors, write_json)
 from invdiff_min.config import DiffusionConfig, RunConfig, get_preset
-from invdiff_min.data import ATTRIBUTE_NAMES, CLASS_NAMES, from_model_range, make_dataset, to_model_range
+from invdiff_min.data import from_model_range, make_dataset, to_model_range
 from invdiff_min.diffusion import lr_at, make_sampler, per_sample_mse, sample, training_loss, update_ema
-from invdiff_min.evaluate import generate, judge
+from invdiff_min.evaluate import generate, make_judge
 from invdiff_min.groups import (auto_t_window, check_group_index, class_topk_groups, group_report, official_groups,
                                 oracle_groups, per_sample_losses, uniform_groups)
 from invdiff_min.guidance import (GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, invariant_loss,
                                   load_head)
-from invdiff_min.metrics import auroc
+from invdiff_min.metrics import auroc, bias_score, minority_share
 from invdiff_min.plots import save_grid, save_loss_curve, save_loss_histogram
 from invdiff_min.scheduler import DDPMScheduler
 from invdiff_min.unet import UNet, UNetConfig, count_parameters
@@ -120,11 +122,12 @@ def train_base(cfg: RunConfig, run_dir: Path, device: torch.device, progress: bo
                             {"config": cfg.to_dict(), "optimizer": opt_meta}, fault_hook=fault_hook)
     final = list_checkpoints(stage_dir)[-1]
     save_loss_curve(stage_dir / "loss.png", history, f"base model L_simple ({cfg.preset} preset)")
+    k = data.num_classes
     grid = sample(ema.eval(), make_sampler("ddim", cfg.diffusion.scheduler_kwargs()).to(device),
-                  (16, cfg.unet.in_channels, cfg.data.resolution, cfg.data.resolution),
-                  torch.arange(2).repeat_interleave(8), num_steps=25, generator=torch.Generator().manual_seed(0),
+                  (8 * k, cfg.unet.in_channels, cfg.data.resolution, cfg.data.resolution),
+                  torch.arange(k).repeat_interleave(8), num_steps=25, generator=torch.Generator().manual_seed(0),
                   device=device)
-    save_grid(stage_dir / "samples.png", from_model_range(grid), nrow=8, row_labels=list(CLASS_NAMES),
+    save_grid(stage_dir / "samples.png", from_model_range(grid), nrow=8, row_labels=list(data.class_names),
               title="base model samples (DDIM 25), one class per row")
     return final
 
@@ -144,7 +147,7 @@ def apply_init_from(cfg: RunConfig, path: str) -> None:
     """Take the architecture and noise schedule of a converted checkpoint; the built-in data at its resolution."""
     _, state, _ = load_unet(path, "cpu", weights="model")
     conv = state["config"]
-    cfg.unet = UNetConfig.from_dict(conv["unet"], num_classes=2)
+    cfg.unet = UNetConfig.from_dict(conv["unet"], num_classes=cfg.unet.num_classes)
     cfg.diffusion = DiffusionConfig(**conv["diffusion"])
     cfg.data.resolution = cfg.unet.sample_size
     cfg.train.init_from = str(path)
@@ -176,13 +179,14 @@ def compute_losses(cfg: RunConfig, run_dir: Path, base_ckpt: Path, device: torch
                                lc.target, lc.batch_size, lc.seed, device, progress, lc.reference)
     # evaluation only (hidden labels): how well the loss ranks the bias-conflicting samples
     info["auc"] = auroc(losses, data.conflicting)
-    info["auc_per_class"] = [auroc(losses[data.labels == c], data.conflicting[data.labels == c]) for c in range(2)]
+    classes = range(data.num_classes)
+    info["auc_per_class"] = [auroc(losses[data.labels == c], data.conflicting[data.labels == c]) for c in classes]
     if compare and lc.reference != "none":  # the paper's plain loss, same window and draws
         plain = per_sample_losses(base, scheduler, data.images, data.labels, lc.num_draws, window, True, lc.target,
                                   lc.batch_size, lc.seed, device)
         info["plain_loss_auc"] = auroc(plain, data.conflicting)
         info["plain_loss_auc_per_class"] = [auroc(plain[data.labels == c], data.conflicting[data.labels == c])
-                                            for c in range(2)]
+                                            for c in classes]
     if compare:  # the official recipe: one draw, t ~ U{0..T-1}, raw loss against x0
         official = per_sample_losses(base, scheduler, data.images, data.labels, 1, (0, scheduler.num_train_timesteps),
                                      False, "x0", lc.batch_size, lc.seed, device)
@@ -218,8 +222,9 @@ def infer_groups(cfg: RunConfig, run_dir: Path) -> Path:
     report = group_report(weights, losses, data.labels, data.conflicting, data.group)
     write_json(run_dir / "groups.json", {"method": gc.method, **report.to_dict()})
     save_loss_histogram(run_dir / "groups_hist.png", losses, data.group,
-                        [f"{CLASS_NAMES[c]} on {ATTRIBUTE_NAMES[b]}" for c in range(2) for b in range(2)],
-                        title="per-sample loss of the base model, by hidden (class, background)")
+                        [f"{data.class_names[c]} / {data.attribute_names[b]}" for c in range(data.num_classes)
+                         for b in range(data.num_attributes)],
+                        title="per-sample loss of the base model, by hidden (class, attribute)")
     print(f"[groups] {out}: sizes {[round(s) for s in report.sizes]}, minority share per group "
           f"{[round(m, 2) for m in report.minority_share]}, NMI {report.nmi:.3f} (evaluation only)")
     return out
@@ -324,9 +329,13 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, base_ckpt: Path, heads: list[str
               num_classes=cfg.unet.num_classes, image_shape=shape, sampler=ec.sampler, num_steps=ec.num_steps,
               guidance_scale=ec.guidance_scale, seed=ec.seed, device=device)
     data = make_dataset(cfg.data, "train")
-    summary: dict = {"preset": cfg.preset, "data_seed": cfg.data.seed, "strength": ec.strength,
-                     "sampler": f"{ec.sampler}-{ec.num_steps}", "n_per_class": ec.n_per_class,
-                     "training_data": judge(data.images, data.labels)}
+    judge = make_judge(cfg.data, run_dir / "judges", device, cfg.eval.judge_steps)
+    summary: dict = {"preset": cfg.preset, "dataset": cfg.data.name, "data_seed": cfg.data.seed,
+                     "strength": ec.strength, "sampler": f"{ec.sampler}-{ec.num_steps}",
+                     "n_per_class": ec.n_per_class, "judged_by": judge.how,
+                     "training_data": {"bias": bias_score(data.bias, data.labels, data.num_attributes),
+                                       "minority_share": minority_share(data.bias, data.labels, data.num_classes),
+                                       "fidelity": 1.0, "n": len(data)}}
     images, labels = generate(GuidedModel(base, None), **kw)
     summary["base"] = judge(images, labels)
     grids = {"base": images}
@@ -347,7 +356,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, base_ckpt: Path, heads: list[str
     pick = torch.cat([torch.arange(k) + c * ec.n_per_class for c in range(cfg.unet.num_classes)])
     rows = [img[pick] for img in grids.values()]
     save_grid(run_dir / "samples.png", torch.cat(rows), nrow=k,
-              row_labels=[f"{n}: {CLASS_NAMES[c]}" for n in grids for c in range(cfg.unet.num_classes)],
+              row_labels=[f"{n}: {data.class_names[c]}" for n in grids for c in range(cfg.unet.num_classes)],
               title=f"same seeds, w = {ec.strength} ({ec.sampler}-{ec.num_steps})")
     return summary
 
@@ -364,12 +373,48 @@ def print_summary(summary: dict) -> None:
 
 
 # ----- the command line -------------------------------------------------------------------------------------
+# real datasets: the data as distributed unless a ratio is asked for; cmnist has its own 95% ratio
+DATASET_DEFAULTS = {"cmnist": dict(num_samples=None, eval_per_group=None),
+                    **{name: dict(num_samples=None, eval_per_group=None, aligned_fraction=None)
+                       for name in ("waterbirds", "celeba", "fairface", "folder")}}
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE of --data-option; VALUE is read as JSON when it parses (numbers, lists, true), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--data-option takes KEY=VALUE (e.g. target=Blond_Hair or digits=[0,1]), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def build_config(args) -> RunConfig:
     cfg = get_preset(args.preset)
     if args.steps is not None:
         cfg.train.steps = args.steps
     if args.data_seed is not None:
         cfg.data.seed = args.data_seed
+    if args.dataset != "shapes":
+        if args.dataset not in DATASET_DEFAULTS:
+            raise ValueError(f"unknown dataset {args.dataset!r}; choose shapes (built in), "
+                             f"{', '.join(DATASET_DEFAULTS)}")
+        cfg.data.name, cfg.data.data_root = args.dataset, args.data_root
+        for key, value in DATASET_DEFAULTS[args.dataset].items():
+            setattr(cfg.data, key, value)
+        cfg.data.options = dict(parse_option(o) for o in args.data_option)
+    elif args.data_root or args.data_option:
+        raise ValueError("--data-root and --data-option belong to a real dataset; add --dataset NAME")
+    for flag, key in (("resolution", "resolution"), ("num_samples", "num_samples"),
+                      ("aligned_fraction", "aligned_fraction")):
+        if getattr(args, flag) is not None:
+            setattr(cfg.data, key, getattr(args, flag))
+    if cfg.data.name != "shapes" or cfg.data.resolution != cfg.unet.sample_size:
+        data = make_dataset(cfg.data, "train")
+        cfg.unet.num_classes, cfg.unet.sample_size = data.num_classes, cfg.data.resolution
+        print(f"[data] {cfg.data.name}: {len(data)} training images, {data.num_classes} classes "
+              f"{list(data.class_names)}, {data.num_attributes} attribute values (hidden)")
     if args.seed is not None:
         for part in (cfg.train, cfg.losses, cfg.groups, cfg.head):
             part.seed = args.seed
@@ -406,7 +451,17 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
     p.add_argument("--steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--seed", type=int, default=None, help="training seed (all stages)")
-    p.add_argument("--data-seed", type=int, default=None, help="seed of the built-in dataset")
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the dataset (selection, colours)")
+    p.add_argument("--dataset", default="shapes",
+                   help="shapes (built in, default), cmnist, waterbirds, celeba, fairface or folder")
+    p.add_argument("--data-root", default=None, help="folder of a real dataset (docs/datasets.md: layouts)")
+    p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="loader option, repeatable: target=Blond_Hair, bias=Male, digits=[0,1], "
+                        "group_sizes=3:2:1:1:1:1:2:3, race_classes=invdiff4")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the preset's)")
+    p.add_argument("--num-samples", type=int, default=None, help="training set size (default: preset / all)")
+    p.add_argument("--aligned-fraction", type=float, default=None,
+                   help="re-sample training to this share of bias-aligned samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--compare", action="store_true",
                    help="also train the oracle-group and uniform-weight heads and the official loss recipe")
@@ -417,9 +472,10 @@ def main(argv=None) -> int:
     try:
         cfg = build_config(args)
         device = pick_device(args.device)
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
-    run_dir = Path(args.out or f"runs/{cfg.preset}")
+    run_dir = Path(args.out or (f"runs/{cfg.preset}" if cfg.data.name == "shapes" else
+                                f"runs/{cfg.data.name}-{cfg.preset}"))
     prepare_run_dir(cfg, run_dir, args)
     progress = not args.no_progress
     heads = ["invdiff"] + (["oracle", "uniform"] if args.compare else [])

@@ -36,7 +36,7 @@ import train  # noqa: E402
 from invdiff_min.checkpoint import load_tensors, read_json, resolve_checkpoint  # noqa: E402
 from invdiff_min.config import RunConfig  # noqa: E402
 from invdiff_min.data import make_dataset  # noqa: E402
-from invdiff_min.evaluate import generate, judge  # noqa: E402
+from invdiff_min.evaluate import generate, make_judge  # noqa: E402
 from invdiff_min.groups import group_report, official_groups  # noqa: E402
 from invdiff_min.guidance import GuidedModel, load_head  # noqa: E402
 from invdiff_min.checkpoint import load_unet  # noqa: E402
@@ -83,10 +83,11 @@ def main() -> None:
     data = make_dataset(cfg.data, "train")
     ec = cfg.eval
     n = args.n_per_class or ec.n_per_class
-    kw = dict(diffusion_kwargs=cfg.diffusion.scheduler_kwargs(), n_per_class=n, num_classes=2,
+    kw = dict(diffusion_kwargs=cfg.diffusion.scheduler_kwargs(), n_per_class=n, num_classes=cfg.unet.num_classes,
               image_shape=(3, cfg.data.resolution, cfg.data.resolution), sampler=ec.sampler,
               num_steps=ec.num_steps, guidance_scale=ec.guidance_scale, seed=ec.seed, device=device)
 
+    judge = make_judge(cfg.data, run_dir / "judges", device, cfg.eval.judge_steps)
     losses = load_tensors(run_dir / "losses.safetensors")["loss"]
     report: dict = {"run": str(run_dir), "preset": cfg.preset, "data_seed": cfg.data.seed, "n_per_class": n,
                     "sampler": f"{ec.sampler}-{ec.num_steps}", "losses": read_json(run_dir / "losses.json"),
@@ -120,7 +121,7 @@ def main() -> None:
             def stat(values):
                 spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
                 return f"{statistics.mean(values):.3f}{spread}"
-            shares = " / ".join(stat([r["minority_share"][c] for r in runs]) for c in range(2))
+            shares = " / ".join(stat([r["minority_share"][c] for r in runs]) for c in range(cfg.unet.num_classes))
             lines.append(f"| {name} | {w} | {stat([r['bias'] for r in runs])} | {shares} | "
                          f"{stat([r['fidelity'] for r in runs])} |")
     table = "\n".join(lines)

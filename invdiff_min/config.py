@@ -101,6 +101,7 @@ class EvalConfig:
     guidance_scale: float = 1.0            # classifier-free guidance scale (1 = plain conditional)
     strength: float = 3.0                  # InvDiff guidance strength w of the summary (chosen on data seed 1)
     seed: int = 1234
+    judge_steps: int = 400                 # training steps of the class/attribute classifiers (real datasets)
 
 
 @dataclass
@@ -152,7 +153,7 @@ def _tiny() -> RunConfig:
         groups=GroupConfig(top_fraction=0.1, steps=50),
         head=HeadConfig(block_out_channels=(8, 16), attention_levels=(False, False), norm_num_groups=4, steps=20,
                         batch_size=16, checkpoint_every=10),
-        eval=EvalConfig(n_per_class=4, num_steps=5),
+        eval=EvalConfig(n_per_class=4, num_steps=5, judge_steps=40),
     )
 
 

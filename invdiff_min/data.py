@@ -13,8 +13,9 @@ generated images is measured without classifier error.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -24,12 +25,17 @@ ATTRIBUTE_NAMES = ("land", "water")
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"              # the built-in dataset (the only one for now)
+    """Which data a run trains on. `name` "shapes" is built here; any other name is a loader of `datasets.py`
+    (cmnist, waterbirds, celeba, fairface, folder) reading `data_root`, with `options` passed on to it
+    (e.g. {"target": "Blond_Hair", "bias": "Male"} for CelebA, {"digits": [0, 1]} for cmnist)."""
+    name: str = "shapes"              # "shapes" (built in) or a loader name of datasets.py
     resolution: int = 16              # image side in pixels; 16, 32 and 64 are tested
-    num_samples: int = 4000           # training set size
-    aligned_fraction: float = 0.95    # share of bias-aligned samples (b == y) in the training set
-    eval_per_group: int = 250         # balanced evaluation split: this many samples in each (y, b) cell
+    num_samples: int | None = 4000    # training set size (None: all a real dataset has)
+    aligned_fraction: float | None = 0.95   # share of bias-aligned samples (b == y); None: the data as it is
+    eval_per_group: int | None = 250  # balanced evaluation split: this many samples in each (y, b) cell
     seed: int = 0                     # the data seed (the reported results use a different one than tuning)
+    data_root: str | None = None      # folder of a real dataset (not used by shapes and cmnist)
+    options: dict = field(default_factory=dict)   # loader-specific options of datasets.load_dataset
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +50,8 @@ class BiasedDataset:
     index: torch.Tensor         # stable sample index, (N,) long
     num_classes: int = 2
     num_attributes: int = 2
+    class_names: tuple[str, ...] = CLASS_NAMES          # class_names[y]
+    attribute_names: tuple[str, ...] = ATTRIBUTE_NAMES  # attribute_names[b]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -118,9 +126,15 @@ def _draw_labels(n: int, aligned_fraction: float, g: torch.Generator) -> tuple[t
 
 def make_dataset(cfg: DataConfig, split: str = "train") -> BiasedDataset:
     """Build the training split (biased, `aligned_fraction`) or the balanced `eval` split, deterministically
-    from `cfg.seed` (the two splits use different draws)."""
+    from `cfg.seed` (the two splits use different draws). Other names load a real dataset (`datasets.py`)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'eval'")
     if cfg.name != "shapes":
-        raise ValueError(f"unknown dataset {cfg.name!r}; the built-in dataset is 'shapes'")
+        train, evaluation = _load_real(json.dumps(asdict(cfg), sort_keys=True))
+        return train if split == "train" else evaluation
+    if cfg.aligned_fraction is None or cfg.num_samples is None or not cfg.eval_per_group:
+        raise ValueError("the built-in dataset needs aligned_fraction, num_samples and eval_per_group set, got "
+                         f"{cfg.aligned_fraction}, {cfg.num_samples}, {cfg.eval_per_group}")
     if cfg.resolution < 8 or cfg.resolution % 4:
         raise ValueError(f"resolution must be a multiple of 4 and at least 8, got {cfg.resolution}")
     if not 0.0 <= cfg.aligned_fraction <= 1.0:
@@ -139,6 +153,21 @@ def make_dataset(cfg: DataConfig, split: str = "train") -> BiasedDataset:
         raise ValueError(f"unknown split {split!r}; use 'train' or 'eval'")
     images = _render(y, b, cfg.resolution, g)
     return BiasedDataset(images=images, labels=y.long(), bias=b.long(), index=torch.arange(len(y)))
+
+
+_LOADED: dict[str, tuple] = {}
+
+
+def _load_real(key: str) -> tuple[BiasedDataset, BiasedDataset]:
+    """(train, eval) of a real dataset, loaded once per process (the key is the DataConfig as JSON)."""
+    if key not in _LOADED:
+        from .datasets import load_dataset
+        cfg = json.loads(key)
+        options = {"aligned_fraction": cfg["aligned_fraction"], "num_samples": cfg["num_samples"],
+                   "eval_per_group": cfg["eval_per_group"], "seed": cfg["seed"], **cfg["options"]}
+        _LOADED.clear()                                     # keep one dataset in memory
+        _LOADED[key] = load_dataset(cfg["name"], cfg["data_root"], cfg["resolution"], **options)
+    return _LOADED[key]
 
 
 # ----- exact readers for this domain ---------------------------------------------------------------------

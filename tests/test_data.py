@@ -38,7 +38,11 @@ def test_bad_dataset_settings_are_refused():
         make_dataset(DataConfig(resolution=10))
     with pytest.raises(ValueError, match="aligned_fraction"):
         make_dataset(DataConfig(aligned_fraction=1.5))
-    with pytest.raises(ValueError, match="unknown dataset"):
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        make_dataset(DataConfig(name="imagenet"))
+    with pytest.raises(ValueError, match="needs a root folder"):
         make_dataset(DataConfig(name="waterbirds"))
+    with pytest.raises(ValueError, match="unknown split"):
+        make_dataset(DataConfig(), "test")
     with pytest.raises(ValueError, match="RGB"):
         read_background(torch.zeros(2, 1, 8, 8))
