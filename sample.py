@@ -12,12 +12,14 @@ Writes OUT/grid.png and OUT/samples.safetensors (tensor `images`: N x C x H x W 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 from invdiff_min.checkpoint import CheckpointError, list_checkpoints, load_unet, save_tensors, write_json
+from invdiff_min.config import pick_device
 from invdiff_min.data import DataConfig
 from invdiff_min.evaluate import generate, make_judge
 from invdiff_min.guidance import GuidedModel, load_head
@@ -30,6 +32,20 @@ def find_run_dir(ckpt: Path) -> Path | None:
         if (p / "config.json").is_file():
             return p
     return None
+
+
+def check_arguments(args) -> None:
+    """Refuse out-of-range numbers before any model is loaded; each message names the flag and its range."""
+    if args.n_per_class < 1:
+        raise SystemExit(f"error: --n-per-class must be at least 1, got {args.n_per_class}")
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be at least 1, got {args.batch_size}")
+    for flag, value, lo, hi, why in (
+            ("--strength", args.strength, 0.0, 20.0, "0 = base model; the summary uses 1-3"),
+            ("--guidance-scale", args.guidance_scale, 0.0, 50.0, "1 = plain conditional, 0 = unconditional"),
+            ("--eta", args.eta, 0.0, 1.0, "0 = deterministic DDIM, 1 = DDPM-like")):
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise SystemExit(f"error: {flag} must be a number in [{lo:g}, {hi:g}] ({why}), got {value}")
 
 
 def main(argv=None) -> int:
@@ -52,12 +68,11 @@ def main(argv=None) -> int:
     p.add_argument("--evaluate", action="store_true", help="also write metrics.json (built-in dataset only)")
     args = p.parse_args(argv)
 
-    if args.n_per_class < 1:
-        raise SystemExit(f"error: --n-per-class must be at least 1, got {args.n_per_class}")
-    if args.strength < 0 or args.guidance_scale < 0 or args.eta < 0:
-        raise SystemExit("error: --strength, --guidance-scale and --eta must be >= 0")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    check_arguments(args)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     try:
         base, state, ckpt = load_unet(args.ckpt, device, weights=args.weights)
         cfg = state["config"]

@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
+import platform
 import shutil
 import sys
 import time
@@ -31,7 +34,7 @@ from invdiff_min import __version__
 from invdiff_min.checkpoint import (CheckpointError, fingerprint, list_checkpoints, load_state_into, load_tensors,
                                     load_unet, optimizer_from_tensors, optimizer_to_tensors, read_json,
                                     resolve_checkpoint, save_checkpoint, save_tensors, write_json)
-from invdiff_min.config import DiffusionConfig, RunConfig, get_preset
+from invdiff_min.config import DiffusionConfig, RunConfig, get_preset, pick_device
 from invdiff_min.data import from_model_range, make_dataset, to_model_range
 from invdiff_min.diffusion import lr_at, make_sampler, per_sample_mse, sample, training_loss, update_ema
 from invdiff_min.evaluate import generate, make_judge
@@ -49,14 +52,6 @@ STAGES = ("base", "losses", "groups", "head", "eval")
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA but torch.cuda.is_available() is False; use --device cpu")
-    return torch.device(name)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -105,8 +100,8 @@ def train_base(cfg: RunConfig, run_dir: Path, device: torch.device, progress: bo
                                  null_label=model.null_label)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"non-finite loss {loss.item()} at base step {step}; the last good checkpoint is "
-                                   f"kept in {stage_dir}. Try a lower --lr (now {tc.lr}) or stronger grad clipping, "
-                                   f"then --resume")
+                                   f"kept in {stage_dir}. Resume it with a lower rate: --resume --lr "
+                                   f"{tc.lr / 2:g} (now {tc.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -258,6 +253,8 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
         ema_state = load_tensors(ema_file) if ema_file.exists() else head.state_dict()
         load_state_into(head_ema, ema_state, str(ema_file))
         optimizer_from_tensors(opt, load_tensors(ckpts[-1] / "optimizer.safetensors"), state["optimizer"])
+        for group in opt.param_groups:                   # a resumed run may lower the lr (--head-lr)
+            group["lr"] = hc.lr
         start = state["step"]
         history[:start] = load_tensors(ckpts[-1] / "history.safetensors")["loss"][:start]
         if start >= hc.steps:
@@ -283,8 +280,8 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
         loss, _ = invariant_loss(per_sample_mse(eps_hat, eps), w, hc.lam)  # L_e
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"non-finite L_e {loss.item()} at head step {step} ({name}); the last good "
-                                   f"checkpoint is kept in {stage_dir}. Try a lower head lr (now {hc.lr}) or lambda "
-                                   f"(now {hc.lam}), then --resume")
+                                   f"checkpoint is kept in {stage_dir}. Resume it with a lower rate: --resume "
+                                   f"--head-lr {hc.lr / 2:g} (now {hc.lr}; lambda is {hc.lam})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), hc.grad_clip)
@@ -394,6 +391,11 @@ def build_config(args) -> RunConfig:
     cfg = get_preset(args.preset)
     if args.steps is not None:
         cfg.train.steps = args.steps
+    for value, part, flag in ((args.lr, cfg.train, "--lr"), (args.head_lr, cfg.head, "--head-lr")):
+        if value is not None:
+            if not (math.isfinite(value) and 0 < value < 1):
+                raise ValueError(f"{flag} must be a number in (0, 1), got {value}")
+            part.lr = value
     if args.data_seed is not None:
         cfg.data.seed = args.data_seed
     if args.dataset != "shapes":
@@ -423,8 +425,24 @@ def build_config(args) -> RunConfig:
     return cfg
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, args) -> None:
-    """Refuse to clobber another run; on --resume require the same config."""
+RESUMABLE_CHANGES = ("train.lr", "head.lr")   # may change on --resume (the way out of a diverged run)
+
+
+def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, args, argv: list[str]) -> None:
+    """Refuse to clobber another run; on --resume require the same config (learning rates excepted); record
+    the config, the command line and the versions in config.json."""
     cfg_file = run_dir / "config.json"
     if cfg_file.exists():
         saved = read_json(cfg_file)["config"]
@@ -433,12 +451,18 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, args) -> None:
         elif not args.resume:
             raise SystemExit(f"error: run folder {run_dir} already exists; pass --resume to continue it, "
                              f"--overwrite to start again, or --out NEW_FOLDER")
-        elif saved != json.loads(json.dumps(cfg.to_dict())):
-            raise SystemExit(f"error: {run_dir} was made with a different config (preset {saved.get('preset')!r}); "
-                             f"resume with the same --preset and options, or use --out NEW_FOLDER")
+        else:
+            changed = config_changes(saved, json.loads(json.dumps(cfg.to_dict())))
+            fixed = [c for c in changed if c not in RESUMABLE_CHANGES]
+            if fixed:
+                raise SystemExit(f"error: {run_dir} was made with a different config ({', '.join(fixed[:6])} "
+                                 f"differ); resume with the same --preset and options, or use --out NEW_FOLDER")
+            if changed:
+                print(f"[resume] continuing with the new {', '.join(changed)}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cfg_file, {"config": cfg.to_dict(), "command": sys.argv, "torch": torch.__version__,
-                          "invdiff_min": __version__})
+    write_json(cfg_file, {"config": cfg.to_dict(), "command": ["train.py", *argv], "torch": torch.__version__,
+                          "invdiff_min": __version__, "python": platform.python_version(),
+                          "platform": platform.platform(), "device": str(args.device)})
 
 
 def main(argv=None) -> int:
@@ -451,6 +475,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
     p.add_argument("--steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--seed", type=int, default=None, help="training seed (all stages)")
+    p.add_argument("--lr", type=float, default=None, help="base model learning rate (may change on --resume)")
+    p.add_argument("--head-lr", type=float, default=None, help="guidance head learning rate (may change on --resume)")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the dataset (selection, colours)")
     p.add_argument("--dataset", default="shapes",
                    help="shapes (built in, default), cmnist, waterbirds, celeba, fairface or folder")
@@ -468,6 +494,7 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", default=None,
                    help="start the base model from a converted checkpoint (python -m invdiff_min.convert SRC OUT)")
     p.add_argument("--base", default=None, help="use this base-model checkpoint folder instead of training one")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     try:
         cfg = build_config(args)
@@ -476,7 +503,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {e}")
     run_dir = Path(args.out or (f"runs/{cfg.preset}" if cfg.data.name == "shapes" else
                                 f"runs/{cfg.data.name}-{cfg.preset}"))
-    prepare_run_dir(cfg, run_dir, args)
+    prepare_run_dir(cfg, run_dir, args, argv)
     progress = not args.no_progress
     heads = ["invdiff"] + (["oracle", "uniform"] if args.compare else [])
     t0 = time.time()
@@ -502,7 +529,9 @@ def main(argv=None) -> int:
             summary = evaluate_run(cfg, run_dir, base_ckpt, trained, device)
             print_summary(summary)
             print(f"\nsummary {run_dir / 'summary.json'}, samples {run_dir / 'samples.png'}")
-    except (TrainingDiverged, CheckpointError, FileNotFoundError) as e:
+    except (TrainingDiverged, CheckpointError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("INVDIFF_DEBUG"):
+            raise
         raise SystemExit(f"error: {e}")
     print(f"done in {time.time() - t0:.0f} s; run folder {run_dir}")
     return 0

@@ -101,7 +101,7 @@ def save_checkpoint(stage_dir: str | Path, step: int, tensors: dict[str, dict[st
             if fault_hook:
                 fault_hook(name)
         with open(tmp / "state.json", "w") as f:
-            json.dump({"step": step, **state}, f, indent=2)
+            json.dump({"step": step, "files": [f"{n}.safetensors" for n in tensors], **state}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # same step written again (e.g. after a resume): replace it
@@ -148,7 +148,13 @@ def resolve_checkpoint(path: str | Path, stage: str = "base") -> Path:
 def load_checkpoint(path: str | Path, stage: str = "base") -> tuple[Path, dict]:
     """(checkpoint folder, its state.json)."""
     ckpt = resolve_checkpoint(path, stage)
-    return ckpt, read_json(ckpt / "state.json")
+    state = read_json(ckpt / "state.json")
+    missing = [f for f in state.get("files", []) if not (ckpt / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} lacks {', '.join(missing)} (written with it, listed in its "
+                              f"state.json): the folder was damaged after writing; restore the file, or delete "
+                              f"this checkpoint folder to fall back to the previous one")
+    return ckpt, state
 
 
 def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -184,7 +190,9 @@ def load_unet(path: str | Path, device: torch.device | str = "cpu", weights: str
         model = UNet(UNetConfig.from_dict(cfg["unet"]))
     except TypeError as e:
         raise CheckpointError(f"config.unet in {ckpt / 'state.json'} does not fit this version's UNetConfig: {e}")
-    name = weights if (ckpt / f"{weights}.safetensors").is_file() else "model"
+    listed = state.get("files")                # checkpoints record their files; a converted one has no EMA
+    kept = (f"{weights}.safetensors" in listed) if listed is not None else (ckpt / f"{weights}.safetensors").is_file()
+    name = weights if kept else "model"
     load_state_into(model, load_tensors(ckpt / f"{name}.safetensors"), f"{ckpt / (name + '.safetensors')}")
     return model.to(device).eval(), state, ckpt
 
