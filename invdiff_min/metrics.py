@@ -4,6 +4,11 @@ Bias (the paper's, per prompt / class p with attribute counts C[p, a], K attribu
     bias_p = sum_{i<j} |C[p,i] - C[p,j]| / sum_a C[p,a] / (K (K - 1) / 2),   Bias = mean_p bias_p.
 0 is balanced. Its maximum is 1 for K = 2 but only 0.5 for K = 4 (all samples on one attribute gives
 (K - 1) gaps of N over K(K-1)/2 pairs = 2 / K), so compare Bias only at equal K.
+
+Quality distances between generated and real images compare (N, D) feature sets, here the pooled features of
+a SmallCNN judge (`image_features`) rather than Inception's, so their values are comparable only between runs
+that use the same judge: Frechet distance (FID's formula), kernel distance (KID) and improved
+precision / recall (fidelity and coverage of the real distribution).
 """
 from __future__ import annotations
 
@@ -144,3 +149,170 @@ def normalized_mutual_info(a, b) -> float:
     ha = float(-(pa[pa > 0] * pa[pa > 0].log()).sum())
     hb = float(-(pb[pb > 0] * pb[pb > 0].log()).sum())
     return mi / math.sqrt(ha * hb) if ha > 0 and hb > 0 else 0.0
+
+
+# ----- quality distances between feature sets ---------------------------------------------------------------
+
+def _as_features(x, name: str, min_samples: int) -> torch.Tensor:
+    """An (N, D) set of feature vectors (tensor, array or nested list of real numbers), N >= min_samples, as
+    float64 on its own device."""
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be an (N, D) array or tensor of feature vectors (equal-length rows of "
+                         f"numbers), got a {type(x).__name__} that is not one") from None
+    if t.ndim != 2 or t.dtype.is_complex or t.shape[1] == 0:
+        raise ValueError(f"{name} must be an (N, D) tensor of real features, one row per sample, got {t.dtype} "
+                         f"{tuple(t.shape)}; flatten per-sample features with .flatten(1)")
+    if len(t) < min_samples:
+        raise ValueError(f"{name} has {len(t)} samples, this measure needs at least {min_samples}")
+    t = t.double()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contain NaN or inf; drop those samples first")
+    return t
+
+
+def _feature_pair(a, b, names: tuple[str, str], min_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two feature sets of one width D; the second moves to the first's device."""
+    a, b = _as_features(a, names[0], min_samples), _as_features(b, names[1], min_samples)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same feature width D, got {a.shape[1]} and "
+                         f"{b.shape[1]}; extract both with the same model")
+    return a, b.to(a.device)
+
+
+def _gaussian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and unbiased covariance (D, D) of an (N, D) set: S = (X - mu)^T (X - mu) / (N - 1)."""
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / (len(x) - 1)
+
+
+def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
+    """S^{1/2} of a symmetric positive semi-definite matrix: V diag(sqrt(max(w, 0))) V^T, S = V diag(w) V^T."""
+    w, v = torch.linalg.eigh(s)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(features_a, features_b) -> float:
+    """Frechet distance between Gaussians fitted to two (N, D) feature sets (FID's formula, Heusel et al. 2017):
+
+        FD = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}).
+
+    Tr (S_a S_b)^{1/2} = Tr (S_a^{1/2} S_b S_a^{1/2})^{1/2}: the inner matrix is symmetric PSD, so both roots
+    come from `eigh` with tiny negative eigenvalues (rounding) clamped to 0, which stays stable when a
+    covariance is singular (N <= D, constant features). Computed in float64; rounding below 0 is returned as 0.
+    Like FID, it is biased upwards for small N; compare values only at equal N."""
+    a, b = _feature_pair(features_a, features_b, ("features_a", "features_b"), min_samples=2)
+    mu_a, s_a = _gaussian(a)
+    mu_b, s_b = _gaussian(b)
+    root_a = _sqrt_psd(s_a)                                          # S_a^{1/2}
+    inner = root_a @ s_b @ root_a                                    # S_a^{1/2} S_b S_a^{1/2}
+    tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()  # Tr (S_a S_b)^{1/2}
+    fd = (mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * tr_sqrt
+    return max(float(fd), 0.0)
+
+
+def _polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """k(x, y) = (x . y / D + 1)^3 for all pairs: (M, D), (M', D) -> (M, M')."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def kernel_distance(features_a, features_b, num_subsets: int = 100, subset_size: int | None = None,
+                    seed: int = 0) -> tuple[float, float]:
+    """Kernel distance (KID, Binkowski et al. 2018): the unbiased MMD^2 between two (N, D) feature sets with
+    the polynomial kernel k(x, y) = (x . y / D + 1)^3. On each of `num_subsets` random subsets of m =
+    `subset_size` rows drawn without replacement from each set (x from a, y from b):
+
+        MMD^2 = sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (m (m - 1))
+                - 2 sum_{i, j} k(x_i, y_j) / m^2.
+
+    Returns (mean, std) over the subsets (std with ddof = 0, as torch-fidelity). Unbiased: it can be slightly
+    negative when the sets come from one distribution. `seed` fixes the subsets, so reruns agree. Defaults are
+    torch-fidelity's (100 subsets of 1000); `subset_size=None` takes min(1000, N_a, N_b)."""
+    num_subsets = _as_count(num_subsets, "num_subsets", 1)
+    a, b = _feature_pair(features_a, features_b, ("features_a", "features_b"), min_samples=2)
+    subset_size = _as_count(min(1000, len(a), len(b)) if subset_size is None else subset_size, "subset_size", 2)
+    if subset_size > min(len(a), len(b)):
+        raise ValueError(f"subset_size {subset_size} is larger than the feature sets ({len(a)} and {len(b)} "
+                         f"samples); pass subset_size <= {min(len(a), len(b))}")
+    g = torch.Generator().manual_seed(_as_count(seed, "seed", 0))
+    m = subset_size
+    mmds = []
+    for _ in range(num_subsets):
+        x = a[torch.randperm(len(a), generator=g)[:m].to(a.device)]  # (m, D)
+        y = b[torch.randperm(len(b), generator=g)[:m].to(b.device)]  # (m, D)
+        k_xx, k_yy, k_xy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+        off_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))  # sum_{i != j} k(x_i, x_j) / (m (m-1))
+        off_yy = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+        mmds.append(off_xx + off_yy - 2 * k_xy.mean())
+    mmds = torch.stack(mmds)
+    return float(mmds.mean()), float(mmds.std(correction=0))
+
+
+def _kth_neighbour_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+    """(N,) distance from each row of x to its k-th nearest other row: the (k+1)-th smallest distance, the
+    smallest being the row's 0 to itself (so an exact duplicate counts as a neighbour at distance 0)."""
+    return torch.cat([torch.cdist(x[i:i + batch_size], x).topk(k + 1, dim=1, largest=False).values[:, k]
+                      for i in range(0, len(x), batch_size)])
+
+
+def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
+                     batch_size: int) -> torch.Tensor:
+    """(N,) bool: is each point within radii[j] of some centre j (in the union of the balls)?"""
+    return torch.cat([(torch.cdist(points[i:i + batch_size], centres) <= radii).any(1)  # (B, M) -> (B,)
+                      for i in range(0, len(points), batch_size)])
+
+
+def precision_recall(real_features, fake_features, k: int = 3, batch_size: int = 1000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of generated (fake) against real features.
+
+    The manifold of a set X is the union of balls B(x, r_k(x)) over x in X, r_k(x) the distance from x to its
+    k-th nearest neighbour in X (itself excluded). Then
+
+        precision = |{f in fake : f in manifold(real)}| / |fake|   (are the samples realistic?)
+        recall    = |{r in real : r in manifold(fake)}| / |real|   (is the real distribution covered?)
+
+    Euclidean distances (`torch.cdist`, float64) are computed `batch_size` rows at a time, so memory is
+    O(batch_size * N): 10k x 10k sets do not build a 10k x 10k matrix. Both sets need more than k samples."""
+    k = _as_count(k, "k", 1)
+    batch_size = _as_count(batch_size, "batch_size", 1)
+    real, fake = _feature_pair(real_features, fake_features, ("real_features", "fake_features"),
+                               min_samples=k + 1)
+    real_radii = _kth_neighbour_radii(real, k, batch_size)         # (N_real,)
+    fake_radii = _kth_neighbour_radii(fake, k, batch_size)         # (N_fake,)
+    precision = _inside_manifold(fake, real, real_radii, batch_size).double().mean()
+    recall = _inside_manifold(real, fake, fake_radii, batch_size).double().mean()
+    return float(precision), float(recall)
+
+
+@torch.no_grad()
+def image_features(model, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """(N, C, H, W) images in [0, 1] -> (N, 2 * width) float32 features on the CPU: a SmallCNN judge's
+    globally pooled features, `model.features(images * 2 - 1).flatten(1)` (what its forward feeds the head),
+    in eval mode, in batches on the model's device. The model's train/eval mode is restored afterwards."""
+    if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "features", None), torch.nn.Module):
+        raise ValueError(f"model must be a SmallCNN judge (a module with a .features part), got "
+                         f"{type(model).__name__}")
+    batch_size = _as_count(batch_size, "batch_size", 1)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.dtype.is_floating_point:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be an (N, C, H, W) float tensor in [0, 1], got {got}")
+    in_channels = getattr(model, "in_channels", images.shape[1])
+    if images.shape[1] != in_channels:
+        raise ValueError(f"the judge reads {in_channels}-channel images, got {images.shape[1]} channels")
+    if len(images) == 0:
+        raise ValueError("no images given")
+    lo, hi = float(images.min()), float(images.max())
+    if not (0 <= lo and hi <= 1):                                   # also catches NaN
+        raise ValueError(f"images must lie in [0, 1], got values in [{lo}, {hi}]; map [-1, 1] model outputs "
+                         f"with (x + 1) / 2 and clamp")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        feats = [model.features(images[i:i + batch_size].to(device) * 2 - 1).flatten(1).float().cpu()
+                 for i in range(0, len(images), batch_size)]     # each (B, 2 * width)
+    finally:
+        model.train(was_training)
+    return torch.cat(feats)
