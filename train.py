@@ -13,6 +13,10 @@
     python train.py --compare                    # also the oracle-group and uniform-weight reference heads
     python train.py --dataset cmnist             # Colored-MNIST-5k (pip install -e ".[cmnist]")
     python train.py --dataset waterbirds --data-root /data/waterbirds --resolution 32 --preset gpu
+    torchrun --standalone --nproc_per_node 4 train.py --preset gpu    # data-parallel on 4 GPUs
+
+Under torchrun (several processes) every process takes its slice of each global batch (the same batch one
+process would draw), DistributedDataParallel averages the gradients, and rank 0 alone prints and writes files.
 """
 from __future__ import annotations
 
@@ -31,15 +35,17 @@ import torch
 from tqdm.auto import tqdm
 
 from invdiff_min import __version__
+from invdiff_min import distributed as dist
 from invdiff_min.checkpoint import (CheckpointError, fingerprint, list_checkpoints, load_state_into, load_tensors,
                                     load_unet, optimizer_from_tensors, optimizer_to_tensors, read_json,
                                     resolve_checkpoint, save_checkpoint, save_tensors, write_json)
 from invdiff_min.config import DiffusionConfig, RunConfig, get_preset, pick_device
 from invdiff_min.data import from_model_range, make_dataset, to_model_range
-from invdiff_min.diffusion import lr_at, make_sampler, per_sample_mse, sample, training_loss, update_ema
+from invdiff_min.diffusion import (drop_labels, lr_at, make_sampler, per_sample_mse, sample, training_loss,
+                                   update_ema)
 from invdiff_min.evaluate import generate, make_judge
-from invdiff_min.groups import (auto_t_window, check_group_index, class_topk_groups, group_report, official_groups,
-                                oracle_groups, per_sample_losses, uniform_groups)
+from invdiff_min.groups import (auto_t_window, check_group_index, class_topk_groups, group_report, loss_draws,
+                                normalize_by_t, official_groups, oracle_groups, per_sample_losses, uniform_groups)
 from invdiff_min.guidance import (GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, invariant_loss,
                                   load_head)
 from invdiff_min.metrics import auroc, bias_score, minority_share
@@ -57,6 +63,42 @@ class TrainingDiverged(RuntimeError):
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The randomness of one training step depends only on (seed, step), so a resumed run repeats exactly."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def say(*args) -> None:
+    """print, on rank 0 only (under torchrun every process runs this script)."""
+    if dist.is_main():
+        print(*args)
+
+
+def check_replicas(stage: str, *modules: torch.nn.Module) -> None:
+    """Under torchrun every process must end a stage with the same weights (same averaged gradient, same
+    optimizer step, same EMA update on each): compare their fingerprints, stop if one drifted."""
+    if dist.world_size() == 1:
+        return
+    everyone = dist.all_gather_object([fingerprint(m.state_dict()) for m in modules])
+    if any(f != everyone[0] for f in everyone):
+        raise RuntimeError(f"[{stage}] the processes hold different weights after training (fingerprints per rank "
+                           f"{everyone}); a non-deterministic step or a rank that skipped a step diverged them")
+    say(f"[{stage}] the {len(everyone)} processes hold identical weights: fingerprints per rank {everyone}")
+
+
+def base_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator,
+              p_uncond: float, null_label: int) -> torch.Tensor:
+    """L_simple of this process's slice of the global batch (x0, y) (diffusion.training_loss).
+
+    One process: training_loss itself. Under torchrun: the draws (t, eps, label dropout) are made for the whole
+    global batch from `g`, in training_loss's order, and sliced with the batch, so W processes see exactly the
+    numbers one process sees; the mean over equal slices, averaged by DDP, is the mean over the global batch."""
+    if dist.world_size() == 1:
+        return training_loss(model, scheduler, x0, y, generator=g, p_uncond=p_uncond, null_label=null_label)
+    b, s = x0.shape[0], dist.my_slice(x0.shape[0])
+    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=g)[s].to(x0.device)
+    noise = torch.randn(x0.shape, generator=g)[s].to(x0.device)
+    y = drop_labels(y.cpu(), p_uncond, null_label, generator=g)[s].to(x0.device)
+    x0 = x0[s]
+    x_t = scheduler.add_noise(x0, noise, t)
+    return per_sample_mse(model(x_t, t, y), scheduler.training_target(x0, noise)).mean()
 
 
 # ----- stage A: the biased base model ---------------------------------------------------------------------
@@ -83,39 +125,48 @@ def train_base(cfg: RunConfig, run_dir: Path, device: torch.device, progress: bo
         history[:start] = load_tensors(ckpts[-1] / "history.safetensors")["loss"][:start]
         if start >= tc.steps:
             return ckpts[-1]
-        print(f"[base] resuming at step {start} from {ckpts[-1]}")
-    print(f"[base] UNet with {count_parameters(model):,} parameters, {len(data)} images, device {device}")
+        say(f"[base] resuming at step {start} from {ckpts[-1]}")
+    net = dist.data_parallel(model, device)   # under torchrun: DDP, which averages the gradients over processes
+    say(f"[base] UNet with {count_parameters(model):,} parameters, {len(data)} images, device {device}"
+        + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
     use_amp = device.type == "cuda"
-    bar = tqdm(range(start, tc.steps), desc="A. base model", disable=not progress, initial=start, total=tc.steps)
+    bar = tqdm(range(start, tc.steps), desc="A. base model", disable=not progress or not dist.is_main(),
+               initial=start, total=tc.steps)
     for step in bar:
         g = step_generator(tc.seed, step)
-        torch.manual_seed(tc.seed * 1_000_003 + step)               # dropout
-        idx = torch.randint(0, len(data), (tc.batch_size,), generator=g)
+        # dropout masks: one stream per process (under torchrun), the same as ever in one process
+        torch.manual_seed((tc.seed * 1_000_003 + step) * dist.world_size() + dist.rank())
+        idx = torch.randint(0, len(data), (tc.batch_size,), generator=g)   # the global batch, same on every rank
         x0 = to_model_range(data.images[idx]).to(device)              # (B, 3, H, W) in [-1, 1]
         y = data.labels[idx].to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.lr, tc.warmup_steps, tc.steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = training_loss(model, scheduler, x0, y, generator=g, p_uncond=tc.p_uncond,
-                                 null_label=model.null_label)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"non-finite loss {loss.item()} at base step {step}; the last good checkpoint is "
-                                   f"kept in {stage_dir}. Resume it with a lower rate: --resume --lr "
+            loss = base_loss(net, scheduler, x0, y, g, tc.p_uncond, model.null_label)   # this rank's slice
+        loss_all = dist.mean(loss.detach())                           # the global batch's loss, on every rank
+        if not torch.isfinite(loss_all):
+            raise TrainingDiverged(f"non-finite loss {loss_all.item()} at base step {step}; the last good checkpoint "
+                                   f"is kept in {stage_dir}. Resume it with a lower rate: --resume --lr "
                                    f"{tc.lr / 2:g} (now {tc.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        update_ema(ema, model, tc.ema_decay)
-        history[step] = loss.item()
+        update_ema(ema, model, tc.ema_decay)                          # identical weights -> identical EMA
+        history[step] = loss_all.item()
         bar.set_postfix(loss=f"{history[max(0, step - 49):step + 1].mean():.4f}")
         if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
-            opt_tensors, opt_meta = optimizer_to_tensors(opt)
-            save_checkpoint(stage_dir, step + 1,
-                            {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors,
-                             "history": {"loss": history}},
-                            {"config": cfg.to_dict(), "optimizer": opt_meta}, fault_hook=fault_hook)
+            if dist.is_main():
+                opt_tensors, opt_meta = optimizer_to_tensors(opt)
+                save_checkpoint(stage_dir, step + 1,
+                                {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors,
+                                 "history": {"loss": history}},
+                                {"config": cfg.to_dict(), "optimizer": opt_meta}, fault_hook=fault_hook)
+            dist.barrier()                                            # the others wait until it is on disk
+    check_replicas("base", model, ema)
     final = list_checkpoints(stage_dir)[-1]
+    if not dist.is_main():
+        return final
     save_loss_curve(stage_dir / "loss.png", history, f"base model L_simple ({cfg.preset} preset)")
     k = data.num_classes
     grid = sample(ema.eval(), make_sampler("ddim", cfg.diffusion.scheduler_kwargs()).to(device),
@@ -135,7 +186,7 @@ def init_from_converted(model: UNet, path: str) -> None:
     if model.class_embedding is not None and "class_embedding.weight" not in weights:
         weights["class_embedding.weight"] = torch.zeros_like(model.class_embedding.weight)
     load_state_into(model, weights, f"{ckpt}/model.safetensors (--init-from)")
-    print(f"[base] initialised from {ckpt}")
+    say(f"[base] initialised from {ckpt}")
 
 
 def apply_init_from(cfg: RunConfig, path: str) -> None:
@@ -149,6 +200,42 @@ def apply_init_from(cfg: RunConfig, path: str) -> None:
 
 
 # ----- stage B: per-sample losses and group inference ---------------------------------------------------------
+class EveryNthBatch:
+    """The frozen base as groups.loss_draws sees it on rank r of W: the network for the batches r, r + W,
+    r + 2W, ... of its loop, zeros (no work) for the others, whose losses another rank computes."""
+
+    def __init__(self, model):
+        self.model, self.null_label, self.calls = model, model.null_label, 0
+
+    def __call__(self, x, t, y):
+        mine = self.calls % dist.world_size() == dist.rank()
+        self.calls += 1
+        return self.model(x, t, y) if mine else torch.zeros_like(x)
+
+
+def sharded_per_sample_losses(model, scheduler, images, labels, num_draws: int, t_window: tuple[int, int],
+                              normalize_per_t: bool = True, target: str = "eps", batch_size: int = 500,
+                              seed: int = 0, device="cpu", progress: bool = False,
+                              reference: str = "none") -> torch.Tensor:
+    """groups.per_sample_losses with its batches shared out over the processes (torchrun) and gathered on
+    all: every rank makes every (t, eps) draw (cheap, CPU) so each batch sees exactly the draws it sees in
+    one process, runs the network on its own batches only, and the results equal one process's."""
+    if dist.world_size() == 1:
+        return per_sample_losses(model, scheduler, images, labels, num_draws, t_window, normalize_per_t, target,
+                                 batch_size, seed, device, progress, reference)
+    losses, ts = loss_draws(EveryNthBatch(model), scheduler, images, labels, num_draws, t_window, target,
+                            batch_size, seed, device, progress and dist.is_main(), reference)   # (N, M) each
+    # loss_draws loops over draws m, then batches b: its call k = m * n_batches + b is done by rank k % W
+    n = len(images)
+    n_batches = (n + batch_size - 1) // batch_size
+    call = torch.arange(num_draws)[None, :] * n_batches + (torch.arange(n) // batch_size)[:, None]   # (N, M)
+    owner = call % dist.world_size()
+    losses = torch.stack(dist.all_gather(losses)).gather(0, owner[None])[0]   # (W, N, M) -> (N, M)
+    if normalize_per_t:
+        losses = normalize_by_t(losses, ts)
+    return losses.mean(1)
+
+
 def compute_losses(cfg: RunConfig, run_dir: Path, base_ckpt: Path, device: torch.device, progress: bool = True,
                    compare: bool = False) -> Path:
     """l_i for every training sample under the frozen base (groups.py), keyed by sample index."""
@@ -163,44 +250,56 @@ def compute_losses(cfg: RunConfig, run_dir: Path, base_ckpt: Path, device: torch
                   "normalize_per_t": lc.normalize_per_t, "target": lc.target}
     window = tuple(lc.t_window) if lc.t_window else None
     if window is None:  # label-free choice of the t window
+        # a subset, done whole by every rank (same result on each, no gather needed)
         window, scores = auto_t_window(base, scheduler, data.images, data.labels, num_draws=lc.auto_window_draws,
                                        max_samples=lc.auto_window_samples, batch_size=lc.batch_size,
-                                       seed=lc.seed + 10_000, device=device, progress=progress)
+                                       seed=lc.seed + 10_000, device=device, progress=progress and dist.is_main())
         info["t_window_label_effect"] = {f"{lo}-{hi}": round(v, 4) for (lo, hi), v in scores.items()}
-        print(f"[losses] t window chosen without bias labels: [{window[0]}, {window[1]}) "
-              f"(label effect E|log l(y)/l(null)| = {scores[window]:.3f})")
+        say(f"[losses] t window chosen without bias labels: [{window[0]}, {window[1]}) "
+            f"(label effect E|log l(y)/l(null)| = {scores[window]:.3f})")
     info["t_window"] = list(window)
-    losses = per_sample_losses(base, scheduler, data.images, data.labels, lc.num_draws, window, lc.normalize_per_t,
-                               lc.target, lc.batch_size, lc.seed, device, progress, lc.reference)
+    losses = sharded_per_sample_losses(base, scheduler, data.images, data.labels, lc.num_draws, window,
+                                       lc.normalize_per_t, lc.target, lc.batch_size, lc.seed, device, progress,
+                                       lc.reference)
     # evaluation only (hidden labels): how well the loss ranks the bias-conflicting samples
     info["auc"] = auroc(losses, data.conflicting)
     classes = range(data.num_classes)
     info["auc_per_class"] = [auroc(losses[data.labels == c], data.conflicting[data.labels == c]) for c in classes]
     if compare and lc.reference != "none":  # the paper's plain loss, same window and draws
-        plain = per_sample_losses(base, scheduler, data.images, data.labels, lc.num_draws, window, True, lc.target,
-                                  lc.batch_size, lc.seed, device)
+        plain = sharded_per_sample_losses(base, scheduler, data.images, data.labels, lc.num_draws, window, True,
+                                          lc.target, lc.batch_size, lc.seed, device)
         info["plain_loss_auc"] = auroc(plain, data.conflicting)
         info["plain_loss_auc_per_class"] = [auroc(plain[data.labels == c], data.conflicting[data.labels == c])
                                             for c in classes]
     if compare:  # the official recipe: one draw, t ~ U{0..T-1}, raw loss against x0
-        official = per_sample_losses(base, scheduler, data.images, data.labels, 1, (0, scheduler.num_train_timesteps),
-                                     False, "x0", lc.batch_size, lc.seed, device)
-        eps_one = per_sample_losses(base, scheduler, data.images, data.labels, 1, (0, scheduler.num_train_timesteps),
-                                    False, "eps", lc.batch_size, lc.seed, device)
+        everything = (0, scheduler.num_train_timesteps)
+        official = sharded_per_sample_losses(base, scheduler, data.images, data.labels, 1, everything, False, "x0",
+                                             lc.batch_size, lc.seed, device)
+        eps_one = sharded_per_sample_losses(base, scheduler, data.images, data.labels, 1, everything, False, "eps",
+                                            lc.batch_size, lc.seed, device)
         info["official_auc"] = auroc(official, data.conflicting)
         info["official_eps_target_auc"] = auroc(eps_one, data.conflicting)
-        save_tensors(run_dir / "losses_official.safetensors", {"loss": official, "index": data.index})
-    save_tensors(out, {"loss": losses, "index": data.index}, {"t_window": list(window)})
-    write_json(run_dir / "losses.json", info)
-    print(f"[losses] {out}: AUC for the hidden minority {info['auc']:.3f} (evaluation only)")
+        if dist.is_main():
+            save_tensors(run_dir / "losses_official.safetensors", {"loss": official, "index": data.index})
+    if dist.is_main():
+        save_tensors(out, {"loss": losses, "index": data.index}, {"t_window": list(window)})
+        write_json(run_dir / "losses.json", info)
+        print(f"[losses] {out}: AUC for the hidden minority {info['auc']:.3f} (evaluation only)")
+    dist.barrier()
     return out
 
 
 def infer_groups(cfg: RunConfig, run_dir: Path) -> Path:
-    """Soft assignment W (groups.py) from the per-sample losses; a diagnostic JSON and histogram beside it."""
+    """Soft assignment W (groups.py) from the per-sample losses; a diagnostic JSON and histogram beside it.
+    Cheap: under torchrun rank 0 does it and the others wait for the file."""
     out = run_dir / "groups.safetensors"
-    if out.exists():
-        return out
+    if dist.is_main() and not out.exists():
+        _infer_groups(cfg, run_dir, out)
+    dist.barrier()
+    return out
+
+
+def _infer_groups(cfg: RunConfig, run_dir: Path, out: Path) -> None:
     gc = cfg.groups
     data = make_dataset(cfg.data, "train")
     saved = load_tensors(run_dir / "losses.safetensors")
@@ -222,7 +321,6 @@ def infer_groups(cfg: RunConfig, run_dir: Path) -> Path:
                         title="per-sample loss of the base model, by hidden (class, attribute)")
     print(f"[groups] {out}: sizes {[round(s) for s in report.sizes]}, minority share per group "
           f"{[round(m, 2) for m in report.minority_share]}, NMI {report.nmi:.3f} (evaluation only)")
-    return out
 
 
 # ----- stage C: the invariant guidance head --------------------------------------------------------------------
@@ -237,7 +335,6 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
     head = (InvariantGuidance.copy_of(base) if hc.mode == "mix" else
             InvariantGuidance.small(base.config, hc.block_out_channels, hc.layers_per_block, hc.attention_levels,
                                     hc.norm_num_groups)).to(device)
-    model = GuidedModel(base, head, strength=1.0, mode=hc.mode, mix_ratio=hc.mix_ratio)
     head_ema = copy.deepcopy(head).requires_grad_(False)             # the weights that sample (EMA)
     opt = torch.optim.AdamW(head.parameters(), lr=hc.lr)
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
@@ -259,25 +356,36 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
         history[:start] = load_tensors(ckpts[-1] / "history.safetensors")["loss"][:start]
         if start >= hc.steps:
             return ckpts[-1]
-        print(f"[{name}] resuming at step {start}")
+        say(f"[{name}] resuming at step {start}")
+    # under torchrun: DDP around the head (the base is frozen), which averages the head's gradients
+    model = GuidedModel(base, dist.data_parallel(head, device), strength=1.0, mode=hc.mode, mix_ratio=hc.mix_ratio)
     size = head_size(head, base)
-    print(f"[{name}] head G_psi with {size.head:,} parameters ({size.ratio:.0%} of the base), "
-          f"{weights.shape[1]} groups, {hc.batch_sampling} batches, lambda {hc.lam}")
-    bar = tqdm(range(start, hc.steps), desc=f"C. head ({name})", disable=not progress, initial=start, total=hc.steps)
+    say(f"[{name}] head G_psi with {size.head:,} parameters ({size.ratio:.0%} of the base), "
+        f"{weights.shape[1]} groups, {hc.batch_sampling} batches, lambda {hc.lam}")
+    bar = tqdm(range(start, hc.steps), desc=f"C. head ({name})", disable=not progress or not dist.is_main(),
+               initial=start, total=hc.steps)
     for step in bar:
         g = step_generator(hc.seed + 7, step)
-        idx, slots = batches.sample(g)
-        x0 = to_model_range(data.images[idx]).to(device)
-        y, w = data.labels[idx].to(device), weights[idx].to(device)
+        idx, slots = batches.sample(g)                                # the global batch, same on every rank
         # paired draws: the j-th sample of every group gets the j-th (t, eps), so the spread of the group risks
         # R_g reflects the groups, not which t each happened to draw (the variance term is otherwise mostly noise)
         n_draws = int(slots.max()) + 1 if hc.paired_draws else len(idx)
         draw = slots if hc.paired_draws else torch.arange(len(idx))
-        t = torch.randint(0, scheduler.num_train_timesteps, (n_draws,), generator=g)[draw].to(device)
-        eps = torch.randn((n_draws, *x0.shape[1:]), generator=g)[draw].to(device)
+        t = torch.randint(0, scheduler.num_train_timesteps, (n_draws,), generator=g)[draw]
+        eps = torch.randn((n_draws, *data.images.shape[1:]), generator=g)[draw]
+        s = dist.my_slice(len(idx)) if dist.world_size() > 1 else slice(None)   # this rank's samples
+        x0 = to_model_range(data.images[idx[s]]).to(device)
+        y, t, eps = data.labels[idx[s]].to(device), t[s].to(device), eps[s].to(device)
+        w = weights[idx].to(device)                                   # (B, G): the whole global batch
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             eps_hat = model(scheduler.add_noise(x0, eps, t), t, y)     # eps_theta + G_psi
-        loss, _ = invariant_loss(per_sample_mse(eps_hat, eps), w, hc.lam)  # L_e
+        # L_e is not a mean over samples, so it does not split over processes: every rank computes it over the
+        # global batch, from the per-sample losses l_i of all ranks (all_gather_cat, with autograd). Its gradient
+        # is then exact: every rank backpropagates the same L_e, so the backward of the gather hands each rank
+        # the sum over the W ranks of dL_e/dl_i, i.e. W dL_e/dl_i, for its own samples i; DDP's average over
+        # ranks divides by W, which leaves sum_i dL_e/dl_i dl_i/dpsi, the one-process gradient.
+        losses = dist.all_gather_cat(per_sample_mse(eps_hat, eps))  # (B,) in global batch order
+        loss, _ = invariant_loss(losses, w, hc.lam)                   # L_e, the same on every rank
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"non-finite L_e {loss.item()} at head step {step} ({name}); the last good "
                                    f"checkpoint is kept in {stage_dir}. Resume it with a lower rate: --resume "
@@ -290,14 +398,18 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
         history[step] = loss.item()
         bar.set_postfix(L_e=f"{history[max(0, step - 49):step + 1].mean():.4f}")
         if (step + 1) % hc.checkpoint_every == 0 or step + 1 == hc.steps:
-            opt_tensors, opt_meta = optimizer_to_tensors(opt)
-            save_checkpoint(stage_dir, step + 1, {"head": head.state_dict(), "head_ema": head_ema.state_dict(),
-                                                  "optimizer": opt_tensors,
-                                                  "history": {"loss": history}},
-                            {"config": cfg.to_dict(), "optimizer": opt_meta, "base_checkpoint": str(base_ckpt),
-                             "base_fingerprint": base_id, "groups": name,
-                             "head_net": head.net.config.to_dict()}, fault_hook=fault_hook)
-    save_loss_curve(stage_dir / "loss.png", history, f"L_e of the guidance head ({name})")
+            if dist.is_main():
+                opt_tensors, opt_meta = optimizer_to_tensors(opt)
+                save_checkpoint(stage_dir, step + 1, {"head": head.state_dict(), "head_ema": head_ema.state_dict(),
+                                                      "optimizer": opt_tensors,
+                                                      "history": {"loss": history}},
+                                {"config": cfg.to_dict(), "optimizer": opt_meta, "base_checkpoint": str(base_ckpt),
+                                 "base_fingerprint": base_id, "groups": name,
+                                 "head_net": head.net.config.to_dict()}, fault_hook=fault_hook)
+            dist.barrier()                                            # the others wait until it is on disk
+    check_replicas(name, head, head_ema)
+    if dist.is_main():
+        save_loss_curve(stage_dir / "loss.png", history, f"L_e of the guidance head ({name})")
     return list_checkpoints(stage_dir)[-1]
 
 
@@ -415,8 +527,8 @@ def build_config(args) -> RunConfig:
     if cfg.data.name != "shapes" or cfg.data.resolution != cfg.unet.sample_size:
         data = make_dataset(cfg.data, "train")
         cfg.unet.num_classes, cfg.unet.sample_size = data.num_classes, cfg.data.resolution
-        print(f"[data] {cfg.data.name}: {len(data)} training images, {data.num_classes} classes "
-              f"{list(data.class_names)}, {data.num_attributes} attribute values (hidden)")
+        say(f"[data] {cfg.data.name}: {len(data)} training images, {data.num_classes} classes "
+            f"{list(data.class_names)}, {data.num_attributes} attribute values (hidden)")
     if args.seed is not None:
         for part in (cfg.train, cfg.losses, cfg.groups, cfg.head):
             part.seed = args.seed
@@ -497,13 +609,26 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     try:
+        device = dist.init(pick_device(args.device))   # under torchrun: join the others; cuda:LOCAL_RANK on CUDA
+        if not dist.is_main():
+            dist.barrier()                              # rank 0 first: a real dataset decodes and caches once
         cfg = build_config(args)
-        device = pick_device(args.device)
+        if dist.is_main():
+            dist.barrier()
     except (ValueError, CheckpointError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
+    try:
+        return run_stages(args, argv, cfg, device)
+    finally:
+        dist.cleanup()
+
+
+def run_stages(args, argv: list[str], cfg: RunConfig, device: torch.device) -> int:
     run_dir = Path(args.out or (f"runs/{cfg.preset}" if cfg.data.name == "shapes" else
                                 f"runs/{cfg.data.name}-{cfg.preset}"))
-    prepare_run_dir(cfg, run_dir, args, argv)
+    if dist.is_main():                                   # rank 0 prepares the run folder, the others wait
+        prepare_run_dir(cfg, run_dir, args, argv)
+    dist.barrier()
     progress = not args.no_progress
     heads = ["invdiff"] + (["oracle", "uniform"] if args.compare else [])
     t0 = time.time()
@@ -511,8 +636,8 @@ def main(argv=None) -> int:
         base_ckpt = resolve_checkpoint(args.base) if args.base else None
         if args.stage in ("all", "base") and base_ckpt is None:
             base_ckpt = train_base(cfg, run_dir, device, progress=progress)
-            print(f"[base] {base_ckpt}  (loss curve {run_dir / 'base/loss.png'}, "
-                  f"samples {run_dir / 'base/samples.png'})")
+            say(f"[base] {base_ckpt}  (loss curve {run_dir / 'base/loss.png'}, "
+                f"samples {run_dir / 'base/samples.png'})")
         if args.stage == "base":
             return 0
         base_ckpt = base_ckpt or resolve_checkpoint(run_dir, "base")
@@ -523,8 +648,8 @@ def main(argv=None) -> int:
         if args.stage in ("all", "head"):
             for name in heads:
                 ckpt = train_head(cfg, run_dir, name, head_weights(cfg, run_dir, name), base_ckpt, device, progress)
-                print(f"[{name}] {ckpt}")
-        if args.stage in ("all", "eval"):
+                say(f"[{name}] {ckpt}")
+        if args.stage in ("all", "eval") and dist.is_main():    # sampling and judging: rank 0 alone
             trained = [h for h in ("invdiff", "oracle", "uniform") if list_checkpoints(run_dir / h)]
             summary = evaluate_run(cfg, run_dir, base_ckpt, trained, device)
             print_summary(summary)
@@ -533,7 +658,7 @@ def main(argv=None) -> int:
         if os.environ.get("INVDIFF_DEBUG"):
             raise
         raise SystemExit(f"error: {e}")
-    print(f"done in {time.time() - t0:.0f} s; run folder {run_dir}")
+    say(f"done in {time.time() - t0:.0f} s; run folder {run_dir}")
     return 0
 
 

@@ -31,7 +31,9 @@ def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int, generator: to
     """Replace each label by the null label independently with probability p_uncond."""
     if p_uncond <= 0:
         return y
-    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
+    # drawn on the generator's device (CPU generators on CUDA runs), then moved: the same draws on any device
+    device = generator.device if generator is not None else y.device
+    drop = (torch.rand(y.shape, generator=generator, device=device) < p_uncond).to(y.device)
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
