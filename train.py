@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from invdiff_min import __version__
+from invdiff_min import amp
 from invdiff_min import distributed as dist
 from invdiff_min.checkpoint import (CheckpointError, fingerprint, list_checkpoints, load_state_into, load_tensors,
                                     load_unet, optimizer_from_tensors, optimizer_to_tensors, read_json,
@@ -126,10 +127,11 @@ def train_base(cfg: RunConfig, run_dir: Path, device: torch.device, progress: bo
         if start >= tc.steps:
             return ckpts[-1]
         say(f"[base] resuming at step {start} from {ckpts[-1]}")
-    net = dist.data_parallel(model, device)   # under torchrun: DDP, which averages the gradients over processes
+    scaler = amp.grad_scaler(device, tc.precision)
+    # under torchrun: DDP, which averages the gradients over processes; channels_last / compile on request
+    net = amp.prepare(dist.data_parallel(model, device), tc.channels_last, tc.compile)
     say(f"[base] UNet with {count_parameters(model):,} parameters, {len(data)} images, device {device}"
         + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
-    use_amp = device.type == "cuda"
     bar = tqdm(range(start, tc.steps), desc="A. base model", disable=not progress or not dist.is_main(),
                initial=start, total=tc.steps)
     for step in bar:
@@ -141,17 +143,16 @@ def train_base(cfg: RunConfig, run_dir: Path, device: torch.device, progress: bo
         y = data.labels[idx].to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.lr, tc.warmup_steps, tc.steps)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if tc.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with amp.autocast(device, tc.precision):
             loss = base_loss(net, scheduler, x0, y, g, tc.p_uncond, model.null_label)   # this rank's slice
         loss_all = dist.mean(loss.detach())                           # the global batch's loss, on every rank
         if not torch.isfinite(loss_all):
             raise TrainingDiverged(f"non-finite loss {loss_all.item()} at base step {step}; the last good checkpoint "
                                    f"is kept in {stage_dir}. Resume it with a lower rate: --resume --lr "
                                    f"{tc.lr / 2:g} (now {tc.lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        amp.optimizer_step(loss, opt, model.parameters(), tc.grad_clip, scaler)
         update_ema(ema, model, tc.ema_decay)                          # identical weights -> identical EMA
         history[step] = loss_all.item()
         bar.set_postfix(loss=f"{history[max(0, step - 49):step + 1].mean():.4f}")
@@ -358,7 +359,10 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
             return ckpts[-1]
         say(f"[{name}] resuming at step {start}")
     # under torchrun: DDP around the head (the base is frozen), which averages the head's gradients
-    model = GuidedModel(base, dist.data_parallel(head, device), strength=1.0, mode=hc.mode, mix_ratio=hc.mix_ratio)
+    tc = cfg.train                                                  # precision, layout and compile settings
+    scaler = amp.grad_scaler(device, tc.precision)
+    model = GuidedModel(base, amp.prepare(dist.data_parallel(head, device), tc.channels_last, tc.compile),
+                        strength=1.0, mode=hc.mode, mix_ratio=hc.mix_ratio)
     size = head_size(head, base)
     say(f"[{name}] head G_psi with {size.head:,} parameters ({size.ratio:.0%} of the base), "
         f"{weights.shape[1]} groups, {hc.batch_sampling} batches, lambda {hc.lam}")
@@ -377,7 +381,7 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
         x0 = to_model_range(data.images[idx[s]]).to(device)
         y, t, eps = data.labels[idx[s]].to(device), t[s].to(device), eps[s].to(device)
         w = weights[idx].to(device)                                   # (B, G): the whole global batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with amp.autocast(device, tc.precision):
             eps_hat = model(scheduler.add_noise(x0, eps, t), t, y)     # eps_theta + G_psi
         # L_e is not a mean over samples, so it does not split over processes: every rank computes it over the
         # global batch, from the per-sample losses l_i of all ranks (all_gather_cat, with autograd). Its gradient
@@ -390,10 +394,7 @@ def train_head(cfg: RunConfig, run_dir: Path, name: str, weights: torch.Tensor, 
             raise TrainingDiverged(f"non-finite L_e {loss.item()} at head step {step} ({name}); the last good "
                                    f"checkpoint is kept in {stage_dir}. Resume it with a lower rate: --resume "
                                    f"--head-lr {hc.lr / 2:g} (now {hc.lr}; lambda is {hc.lam})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), hc.grad_clip)
-        opt.step()
+        amp.optimizer_step(loss, opt, head.parameters(), hc.grad_clip, scaler)
         update_ema(head_ema, head, hc.ema_decay)
         history[step] = loss.item()
         bar.set_postfix(L_e=f"{history[max(0, step - 49):step + 1].mean():.4f}")
@@ -503,6 +504,15 @@ def build_config(args) -> RunConfig:
     cfg = get_preset(args.preset)
     if args.steps is not None:
         cfg.train.steps = args.steps
+    if args.head_steps is not None:
+        cfg.head.steps = args.head_steps
+    for flag, value in (("--steps", args.steps), ("--head-steps", args.head_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.precision:
+        cfg.train.precision = args.precision
+    cfg.train.channels_last = cfg.train.channels_last or args.channels_last
+    cfg.train.compile = cfg.train.compile or args.compile
     for value, part, flag in ((args.lr, cfg.train, "--lr"), (args.head_lr, cfg.head, "--head-lr")):
         if value is not None:
             if not (math.isfinite(value) and 0 < value < 1):
@@ -537,7 +547,8 @@ def build_config(args) -> RunConfig:
     return cfg
 
 
-RESUMABLE_CHANGES = ("train.lr", "head.lr")   # may change on --resume (the way out of a diverged run)
+# may change on --resume: learning rates (the way out of a diverged run) and how the same maths is computed
+RESUMABLE_CHANGES = ("train.lr", "head.lr", "train.precision", "train.channels_last", "train.compile")
 
 
 def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
@@ -589,6 +600,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="training seed (all stages)")
     p.add_argument("--lr", type=float, default=None, help="base model learning rate (may change on --resume)")
     p.add_argument("--head-lr", type=float, default=None, help="guidance head learning rate (may change on --resume)")
+    p.add_argument("--head-steps", type=int, default=None, help="override the guidance head's training steps")
+    p.add_argument("--precision", default=None, choices=tuple(amp.PRECISIONS),
+                   help="CUDA autocast: bf16 (default), fp16 with loss scaling, or fp32")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory layout (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks being trained")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the dataset (selection, colours)")
     p.add_argument("--dataset", default="shapes",
                    help="shapes (built in, default), cmnist, waterbirds, celeba, fairface or folder")

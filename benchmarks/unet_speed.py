@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="autocast the network calls (CUDA; the losses stay float32)")
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args()
 
@@ -56,7 +58,15 @@ def main() -> None:
     y = torch.randint(0, cfg.unet.num_classes or 1, (args.batch,), device=device) if cfg.unet.num_classes else None
     target = torch.randn_like(x)
     opts = {"ours": torch.optim.AdamW(ours.parameters(), 1e-4), "diffusers": torch.optim.AdamW(ref.parameters(), 1e-4)}
-    calls = {"ours": lambda: ours(x, t, y), "diffusers": lambda: ref(x, t, class_labels=y).sample}
+    from invdiff_min.amp import autocast
+
+    def under_autocast(fn):
+        def call():
+            with autocast(device, args.precision):
+                return fn().float()
+        return call
+    calls = {"ours": under_autocast(lambda: ours(x, t, y)),
+             "diffusers": under_autocast(lambda: ref(x, t, class_labels=y).sample)}
 
     def sync():
         if device.type == "cuda":
@@ -88,14 +98,19 @@ def main() -> None:
         ours_ms = statistics.median(times[(kind, "ours")]) * 1e3
         ref_ms = statistics.median(times[(kind, "diffusers")]) * 1e3
         rows.append({"what": kind, "ours_ms": round(ours_ms, 2), "diffusers_ms": round(ref_ms, 2),
-                     "ratio_diffusers_over_ours": round(ref_ms / ours_ms, 3)})
-    info = {"device": str(device), "threads": torch.get_num_threads(), "dtype": "float32", "batch": args.batch,
+                     "ratio_diffusers_over_ours": round(ref_ms / ours_ms, 3),
+                     "ours_img_per_s": round(args.batch / ours_ms * 1e3, 1)})
+    info = {"device": str(device), "threads": torch.get_num_threads(), "precision": args.precision,
+            "batch": args.batch,
             "resolution": res, "preset": args.preset, "parameters": count_parameters(ours),
             "repeats": args.repeats, "torch": torch.__version__}
+    if device.type == "cuda":
+        info["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"{'':<12}{'ours ms':>10}{'diffusers ms':>14}{'diffusers/ours':>16}")
+    print(f"{'':<12}{'ours ms':>10}{'diffusers ms':>14}{'diffusers/ours':>16}{'ours img/s':>12}")
     for r in rows:
-        print(f"{r['what']:<12}{r['ours_ms']:>10.1f}{r['diffusers_ms']:>14.1f}{r['ratio_diffusers_over_ours']:>16.3f}")
+        print(f"{r['what']:<12}{r['ours_ms']:>10.1f}{r['diffusers_ms']:>14.1f}{r['ratio_diffusers_over_ours']:>16.3f}"
+              f"{r['ours_img_per_s']:>12.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=2)

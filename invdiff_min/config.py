@@ -39,6 +39,9 @@ class TrainConfig:
     p_uncond: float = 0.1                  # per-sample label dropout for classifier-free guidance
     checkpoint_every: int = 500
     init_from: str | None = None           # start from a converted checkpoint folder (python -m invdiff_min.convert)
+    precision: str = "bf16"                # CUDA autocast for base and head: bf16, fp16 (+ GradScaler) or fp32
+    channels_last: bool = False            # channels_last memory layout (CUDA convolutions)
+    compile: bool = False                  # torch.compile the networks being trained
     seed: int = 0
 
 
