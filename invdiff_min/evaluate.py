@@ -48,6 +48,10 @@ class Judge:
         attributes = self.read_attribute(images)
         readable = attributes >= 0               # a reader may answer -1 (e.g. a blank Colored-MNIST image)
         a, y = attributes[readable], labels[readable]
+        if not len(a):                           # nothing readable: no Bias to speak of
+            return {"bias": float("nan"), "minority_share": [float("nan")] * self.num_classes,
+                    "fidelity": fidelity(self.read_class(images), labels), "n": len(labels),
+                    "unreadable_attribute": len(labels)}
         return {"bias": bias_score(a, y, self.num_attributes),
                 "minority_share": minority_share(a, y, self.num_classes),
                 "fidelity": fidelity(self.read_class(images), labels),
