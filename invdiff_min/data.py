@@ -144,13 +144,11 @@ def make_dataset(cfg: DataConfig, split: str = "train") -> BiasedDataset:
             raise ValueError(f"num_samples must be at least 2, got {cfg.num_samples}")
         g = torch.Generator().manual_seed(cfg.seed * 2 + 0)
         y, b = _draw_labels(cfg.num_samples, cfg.aligned_fraction, g)
-    elif split == "eval":
+    else:  # "eval" (the split name was checked above)
         g = torch.Generator().manual_seed(cfg.seed * 2 + 1)
         cells = torch.arange(4).repeat_interleave(cfg.eval_per_group)
         cells = cells[torch.randperm(len(cells), generator=g)]
         y, b = cells // 2, cells % 2
-    else:
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'eval'")
     images = _render(y, b, cfg.resolution, g)
     return BiasedDataset(images=images, labels=y.long(), bias=b.long(), index=torch.arange(len(y)))
 
