@@ -4,10 +4,16 @@
     python sample.py --ckpt runs/cpu --strength 0                              # w = 0: exactly the base model
     python sample.py --ckpt runs/cpu --strength 2 --sampler ddpm --steps 1000
     python sample.py --ckpt runs/cpu/base/ckpt-0002000 --head none             # a base checkpoint alone
-    python sample.py --ckpt runs/cpu --evaluate                                # + metrics.json (built-in data)
+    python sample.py --ckpt runs/cpu --strength 3 --n-per-class 200 --evaluate   # + metrics.json, report.png
 
 Writes OUT/grid.png and OUT/samples.safetensors (tensor `images`: N x C x H x W floats in [0, 1]; tensor
 `labels`: the class of each, -1 for an unconditional model).
+
+--evaluate (a model inside a train.py run folder) also judges the samples with the run's judge and writes
+OUT/metrics.json (Bias, minority and attribute shares per class, fidelity, quality distance FD / KID /
+precision / recall to the balanced real set; the same for the base model on the same seeds, and for every
+strength of --sweep) and OUT/report.png (one page: base vs guided grids, attribute shares per class, Bias
+against quality over the sweep). Use at least 100 images per class for numbers worth reading.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from invdiff_min.config import pick_device
 from invdiff_min.data import DataConfig
 from invdiff_min.evaluate import generate, make_judge
 from invdiff_min.guidance import GuidedModel, load_head
-from invdiff_min.plots import save_grid
+from invdiff_min.plots import save_grid, save_report
 
 
 def find_run_dir(ckpt: Path) -> Path | None:
@@ -46,6 +52,9 @@ def check_arguments(args) -> None:
             ("--eta", args.eta, 0.0, 1.0, "0 = deterministic DDIM, 1 = DDPM-like")):
         if not (math.isfinite(value) and lo <= value <= hi):
             raise SystemExit(f"error: {flag} must be a number in [{lo:g}, {hi:g}] ({why}), got {value}")
+    bad = [w for w in args.sweep if not (math.isfinite(w) and 0.0 <= w <= 20.0)]
+    if bad:
+        raise SystemExit(f"error: --sweep strengths must lie in [0, 20] like --strength, got {bad}")
 
 
 def main(argv=None) -> int:
@@ -65,7 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="base weights to sample with")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--evaluate", action="store_true", help="also write metrics.json (built-in dataset only)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="also judge the samples: metrics.json and report.png (a model inside a run folder)")
+    p.add_argument("--sweep", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0],
+                   help="with --evaluate: strengths w for the Bias-against-quality curve (default 0 1 2 3)")
     args = p.parse_args(argv)
 
     check_arguments(args)
@@ -93,10 +105,11 @@ def main(argv=None) -> int:
         unet_cfg = cfg["unet"]
         num_classes = unet_cfg.get("num_classes") or 0
         side = cfg.get("data", {}).get("resolution", unet_cfg["sample_size"])
-        images, labels = generate(model, cfg["diffusion"], args.n_per_class, max(1, num_classes),
-                                  (unet_cfg["in_channels"], side, side), args.sampler, num_steps, args.guidance_scale,
-                                  args.eta, args.seed, device, args.batch_size) if num_classes else \
-            generate_unconditional(model, cfg, args, side, device)
+        def draw(m):
+            return generate(m, cfg["diffusion"], args.n_per_class, max(1, num_classes),
+                            (unet_cfg["in_channels"], side, side), args.sampler, num_steps, args.guidance_scale,
+                            args.eta, args.seed, device, args.batch_size)
+        images, labels = draw(model) if num_classes else generate_unconditional(model, cfg, args, side, device)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
@@ -119,12 +132,41 @@ def main(argv=None) -> int:
                                cfg.get("eval", {}).get("judge_steps", 400))
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise SystemExit(f"error: cannot build the judge of dataset {cfg['data'].get('name')!r}: {e}")
-        metrics = {**judge(images, labels), "judged_by": judge.how}
-        write_json(out / "metrics.json", metrics)
+        metrics = evaluate_samples(judge, model, draw, images, labels, args, head_note, out)
+        quality = f", FD {metrics['fd']:.4g}" if "fd" in metrics else ""
         print(f"Bias {metrics['bias']:.3f}, minority share per class "
-              f"{[round(m, 3) for m in metrics['minority_share']]}, fidelity {metrics['fidelity']:.3f} "
-              f"-> {out / 'metrics.json'}")
+              f"{[round(m, 3) for m in metrics['minority_share']]}, fidelity {metrics['fidelity']:.3f}{quality} "
+              f"-> {out / 'metrics.json'}, {out / 'report.png'}")
     return 0
+
+
+def evaluate_samples(judge, model, draw, images, labels, args, head_note: str, out: Path) -> dict:
+    """metrics.json and report.png: the requested model, the base model on the same seeds, and the sweep of w
+    (each strength sampled with the same seeds; the requested model's own samples are reused)."""
+    guided = model.head is not None and model.strength != 0.0
+    by_w = {model.strength if guided else 0.0: (images, labels)}
+    if guided:
+        for w in sorted(set(args.sweep) | {0.0}):
+            if w not in by_w:
+                by_w[w] = draw(GuidedModel(model.base, model.head if w else None, w, model.mode, model.mix_ratio))
+    sweep = {w: judge(*by_w[w]) for w in sorted(by_w)}
+    requested = sweep[model.strength if guided else 0.0]
+    metrics = {**requested, "judged_by": judge.how, "model": head_note, "strength": model.strength if guided else 0.0,
+               "sampler": f"{args.sampler}-{args.steps}", "guidance_scale": args.guidance_scale, "seed": args.seed,
+               "base": sweep[0.0], "sweep": {str(w): r for w, r in sweep.items()}}
+    write_json(out / "metrics.json", metrics)
+    names = judge.class_names or [str(c) for c in range(judge.num_classes)]
+    k = min(args.n_per_class, 8)
+    pick = torch.cat([torch.arange(k) + c * args.n_per_class for c in range(judge.num_classes)])
+    grids = {"base": by_w[0.0][0][pick]}
+    results = {"base": sweep[0.0]}
+    if guided:
+        grids[f"w = {model.strength:g}"] = images[pick]
+        results[f"w = {model.strength:g}"] = requested
+    save_report(out / "report.png", grids, k, results, sweep if guided else {}, names,
+                judge.attribute_names or [str(a) for a in range(judge.num_attributes)],
+                title=f"{head_note}; {args.sampler}-{args.steps}, {args.n_per_class} per class, seed {args.seed}")
+    return metrics
 
 
 def generate_unconditional(model, cfg, args, side, device):

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from invdiff_min import __version__
 from invdiff_min import amp
@@ -474,12 +474,15 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, base_ckpt: Path, heads: list[str
 def print_summary(summary: dict) -> None:
     print(f"\nbias of generated images ({summary['sampler']}, {summary['n_per_class']} per class, "
           f"w = {summary['strength']}):")
-    print(f"  {'model':<14}{'Bias':>7}{'minority share per class':>28}{'fidelity':>10}")
+    print(f"  {'model':<14}{'Bias':>7}{'minority share per class':>28}{'fidelity':>10}{'FD':>9}")
     for name in ("training_data", "base", "invdiff", "oracle", "uniform"):
         if name in summary:
             r = summary[name]
             shares = ", ".join(f"{m:.3f}" for m in r["minority_share"])
-            print(f"  {name:<14}{r['bias']:>7.3f}{shares:>28}{r['fidelity']:>10.3f}")
+            fd = f"{r['fd']:>9.3f}" if "fd" in r else ""
+            print(f"  {name:<14}{r['bias']:>7.3f}{shares:>28}{r['fidelity']:>10.3f}{fd}")
+    if "quality" in summary.get("judged_by", {}):
+        print(f"  FD: quality distance to the balanced real set, {summary['judged_by']['quality']}")
 
 
 # ----- the command line -------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python benchmarks/debias.py --run runs/cpu                       # every variant below, on the run's base
     python benchmarks/debias.py --run runs/cpu --variants invdiff oracle --seeds 0 1 2 --json out.json
+    python benchmarks/debias.py --merge a.json b.json --json all.json   # reports of parallel processes
 
 Reads the run folder that `python train.py` made (base model, per-sample losses, groups) and trains one head
 per variant and head seed into RUN/bench/<variant>-s<seed>/ (train.py's own invdiff / oracle / uniform heads
@@ -64,17 +65,66 @@ def variant_weights(cfg: RunConfig, run_dir: Path, source: str) -> torch.Tensor:
     return load_tensors(path)["weights"]
 
 
+def _stat(values: list[float]) -> str:
+    """mean ± sample standard deviation over seeds, 3 significant digits."""
+    spread = f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3g}{spread}"
+
+
+def markdown_table(report: dict, num_classes: int) -> str:
+    """One row per (model, w): mean ± spread over head seeds of Bias, minority share per class, fidelity and
+    the quality distances (FD, precision, recall) to the balanced real set."""
+    lines = ["| model | w | seeds | Bias | minority share per class | fidelity | FD | precision | recall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, by_w in report["models"].items():
+        for w, runs in by_w.items():
+            shares = " / ".join(_stat([r["minority_share"][c] for r in runs]) for c in range(num_classes))
+            quality = " | ".join(_stat([r[k] for r in runs]) if k in runs[0] else "" for k in
+                                 ("fd", "precision", "recall"))
+            lines.append(f"| {name} | {w} | {len(runs)} | {_stat([r['bias'] for r in runs])} | {shares} | "
+                         f"{_stat([r['fidelity'] for r in runs])} | {quality} |")
+    return "\n".join(lines)
+
+
+def merge(paths: list[str]) -> dict:
+    """Several reports of one run (e.g. variants benchmarked in parallel processes) as one: models of later
+    files are added; base and group reports must agree."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = copy.deepcopy(reports[0])
+    for other in reports[1:]:
+        if other["run"] != merged["run"] or other["n_per_class"] != merged["n_per_class"]:
+            raise SystemExit(f"error: cannot merge reports of different runs or sample sizes: {paths}")
+        merged["groups"].update(other["groups"])
+        for name, by_w in other["models"].items():
+            if name != "base":
+                merged["models"][name] = by_w
+    return merged
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder made by train.py (base, losses, groups)")
+    p.add_argument("--run", help="run folder made by train.py (base, losses, groups)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="head training seeds")
     p.add_argument("--strengths", nargs="+", type=float, default=[1.0, 2.0, 3.0])
     p.add_argument("--n-per-class", type=int, default=None, help="default: the run's eval.n_per_class")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only merge these reports of one run into --json and print the table")
     args = p.parse_args()
 
+    if args.merge:
+        report = merge(args.merge)
+        cfg = RunConfig.from_dict(read_json(Path(report["run"]) / "config.json")["config"])
+        report["table"] = markdown_table(report, cfg.unet.num_classes)
+        print(report["table"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return
+
+    if not args.run:
+        raise SystemExit("error: pass --run RUN (a train.py run folder), or --merge JSON ...")
     run_dir = Path(args.run)
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
     device = torch.device(args.device)
@@ -115,16 +165,7 @@ def main() -> None:
                                                      for w in args.strengths), flush=True)
         report["models"][name] = results
 
-    lines = ["| model | w | Bias | minority share (class 0, 1) | fidelity |", "|---|---|---|---|---|"]
-    for name, by_w in report["models"].items():
-        for w, runs in by_w.items():
-            def stat(values):
-                spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-                return f"{statistics.mean(values):.3f}{spread}"
-            shares = " / ".join(stat([r["minority_share"][c] for r in runs]) for c in range(cfg.unet.num_classes))
-            lines.append(f"| {name} | {w} | {stat([r['bias'] for r in runs])} | {shares} | "
-                         f"{stat([r['fidelity'] for r in runs])} |")
-    table = "\n".join(lines)
+    table = markdown_table(report, cfg.unet.num_classes)
     print(table)
     report["table"] = table
     if args.json:

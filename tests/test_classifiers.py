@@ -37,3 +37,25 @@ def test_cmnist_judge_reads_colour_exactly_and_the_digit_by_a_classifier(tmp_pat
     result = judge(ev.images, ev.labels)
     assert result["bias"] == 0.0 and result["minority_share"] == [0.5, 0.5]   # balanced split, exact colours
     assert result["fidelity"] >= 0.9 and "exact colour reader" in judge.how["attribute"]
+
+
+def test_judge_measures_quality_against_the_balanced_real_set(tmp_path):
+    """The built-in judge with a folder adds FD / KID / precision / recall in the feature space of its class
+    and attribute CNNs: the balanced real set scores near-perfectly against itself, the biased training set
+    is farther away (its (class, background) cells are 95 : 5 instead of even), and attribute shares are per
+    class. The exact rules still judge; the CNNs' accuracies are reported next to them."""
+    cfg = DataConfig(eval_per_group=100)
+    judge = make_judge(cfg, tmp_path, steps=300)
+    assert "exact rule" in judge.how["class"] and "accuracy" in judge.how["class_cnn"]
+    assert judge.class_names == ["disc", "square"] and "reference" in judge.how["quality"]
+    ev, train = make_dataset(cfg, "eval"), make_dataset(cfg, "train")
+    same = judge(ev.images, ev.labels)
+    assert same["fd"] < 1e-6 and same["precision"] == 1.0 and same["recall"] == 1.0
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:400]
+    biased = judge(train.images[pick], train.labels[pick])
+    assert biased["fd"] > 10 * max(same["fd"], 1e-3) and biased["kid"] > same["kid"]
+    for result in (same, biased):
+        shares = torch.tensor(result["attribute_share"])                 # [class][attribute], rows sum to 1
+        assert shares.shape == (2, 2) and torch.allclose(shares.sum(1), torch.ones(2))
+        assert torch.allclose(shares[:, 1 - torch.arange(2)].diagonal(), torch.tensor(result["minority_share"]))
+    assert make_judge(cfg).features is None                              # no folder: exact rules only

@@ -84,7 +84,10 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     r = run("sample.py", "--ckpt", str(out), "--n-per-class", "3", "--out", str(tmp_path / "s3"), "--steps", "4",
             "--strength", "2", "--sampler", "ddpm", "--guidance-scale", "2", "--evaluate")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert set(json.loads((tmp_path / "s3" / "metrics.json").read_text())) >= {"bias", "minority_share", "fidelity"}
+    metrics = json.loads((tmp_path / "s3" / "metrics.json").read_text())
+    assert set(metrics) >= {"bias", "minority_share", "fidelity", "fd", "base", "sweep"}
+    assert set(metrics["sweep"]) == {"0.0", "1.0", "2.0", "3.0"} and metrics["strength"] == 2.0
+    assert metrics["sweep"]["0.0"] == metrics["base"] and (tmp_path / "s3" / "report.png").is_file()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -159,7 +162,8 @@ def test_whole_pipeline_on_a_real_dataset_folder_with_three_classes(tmp_path):
     assert "3 classes" in r.stdout and "held-out accuracy" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "folder" and len(summary["invdiff"]["minority_share"]) == 3
-    assert set(summary["judged_by"]) == {"class", "attribute"}
+    assert set(summary["judged_by"]) == {"class", "attribute", "quality"}
+    assert all(k in summary["invdiff"] for k in ("fd", "kid", "precision", "recall", "attribute_share"))
     assert (out / "judges" / "class.safetensors").is_file() and (out / "judges" / "attribute.json").is_file()
     saved = json.loads((out / "config.json").read_text())["config"]
     assert saved["unet"]["num_classes"] == 3 and saved["data"]["data_root"] == str(tmp_path / "data")
