@@ -2,6 +2,8 @@
 
     python benchmarks/unet_speed.py                       # the cpu preset's UNet, batch 64, 16x16
     python benchmarks/unet_speed.py --preset gpu --batch 32 --json out.json
+    python benchmarks/unet_speed.py --profile             # + where a training step's CPU time goes, both models
+    python benchmarks/unet_speed.py --channels-last       # both models and the input in channels_last
 
 Times a training step (forward, backward, AdamW step) and a no-grad forward pass, alternating the two
 models to share the machine's noise, after a warm-up; prints medians and the ratio diffusers / ours
@@ -43,6 +45,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="autocast the network calls (CUDA; the losses stay float32)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="both models' weights and the input in channels_last memory format (a generic setting)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (a generic setting)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile training steps of both models (torch.profiler, CPU) and print the tables")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=15, help="ops per profile table")
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args()
 
@@ -54,6 +63,9 @@ def main() -> None:
     ours.load_state_dict(ref.state_dict(), strict=True)       # same weights, so the same arithmetic
     res = cfg.data.resolution
     x = torch.randn(args.batch, cfg.unet.in_channels, res, res, device=device)
+    if args.channels_last:
+        ours, ref = ours.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (args.batch,), device=device)
     y = torch.randint(0, cfg.unet.num_classes or 1, (args.batch,), device=device) if cfg.unet.num_classes else None
     target = torch.randn_like(x)
@@ -65,8 +77,9 @@ def main() -> None:
             with autocast(device, args.precision):
                 return fn().float()
         return call
-    calls = {"ours": under_autocast(lambda: ours(x, t, y)),
-             "diffusers": under_autocast(lambda: ref(x, t, class_labels=y).sample)}
+    run_ours, run_ref = (torch.compile(ours), torch.compile(ref)) if args.compile else (ours, ref)
+    calls = {"ours": under_autocast(lambda: run_ours(x, t, y)),
+             "diffusers": under_autocast(lambda: run_ref(x, t, class_labels=y).sample)}
 
     def sync():
         if device.type == "cuda":
@@ -101,7 +114,7 @@ def main() -> None:
                      "ratio_diffusers_over_ours": round(ref_ms / ours_ms, 3),
                      "ours_img_per_s": round(args.batch / ours_ms * 1e3, 1)})
     info = {"device": str(device), "threads": torch.get_num_threads(), "precision": args.precision,
-            "batch": args.batch,
+            "batch": args.batch, "channels_last": args.channels_last, "compile": args.compile,
             "resolution": res, "preset": args.preset, "parameters": count_parameters(ours),
             "repeats": args.repeats, "torch": torch.__version__}
     if device.type == "cuda":
@@ -114,6 +127,43 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=2)
+    if args.profile:
+        for name in ("ours", "diffusers"):
+            print(f"\n{name}: {args.profile_steps} training steps, batch {args.batch}, {res}x{res}, "
+                  f"{torch.get_num_threads()} thread(s), ms per step")
+            print(profile_table(lambda: calls[name](), target, opts[name], args.profile_steps, args.top))
+
+
+PHASES = ("forward+loss", "backward", "optimizer")
+
+
+def profile_table(call, target, opt, steps: int, top: int) -> str:
+    """Markdown tables: the step's phases (CPU total), then the `top` ops by self CPU time, per step."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with record_function(PHASES[0]):
+                loss = (call() - target).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            with record_function(PHASES[1]):
+                loss.backward()
+            with record_function(PHASES[2]):
+                opt.step()
+    events = prof.key_averages()
+    phases = {e.key: e.cpu_time_total / 1e3 / steps for e in events if e.key in PHASES}
+    step = sum(phases.values())
+    lines = ["| phase | ms/step | % |", "|---|---:|---:|"]
+    lines += [f"| {k} | {phases.get(k, 0.0):.1f} | {100 * phases.get(k, 0.0) / step:.1f} |" for k in PHASES]
+    lines += [f"| step | {step:.1f} | 100 |", "",
+              "| op (self CPU) | ms/step | % of step | calls/step |", "|---|---:|---:|---:|"]
+    ops = sorted((e for e in events if e.key not in PHASES), key=lambda e: e.self_cpu_time_total, reverse=True)
+    for e in ops[:top]:
+        ms = e.self_cpu_time_total / 1e3 / steps
+        lines.append(f"| {e.key} | {ms:.1f} | {100 * ms / step:.1f} | {e.count // steps} |")
+    rest = sum(e.self_cpu_time_total for e in ops[top:]) / 1e3 / steps
+    lines.append(f"| (all other ops) | {rest:.1f} | {100 * rest / step:.1f} | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

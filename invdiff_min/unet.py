@@ -155,15 +155,34 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
+def _transposed_kernel(w: torch.Tensor) -> torch.Tensor:
+    """The 3x3 kernel `w` (O, I, 3, 3) of a conv applied after a nearest x2 upsample, as the 4x4 kernel
+    (I, O, 4, 4) of the equivalent stride-2 transposed conv on the low-res input. Along one axis, output row
+    2m reads low-res rows m-1 (tap w0) and m (w1 + w2), output row 2m+1 reads m (w0 + w1) and m+1 (w2); a
+    stride-2, padding-1 transposed conv places input row i at outputs 2i-1+k, so k = 0..3 carries
+    [w2, w1 + w2, w0 + w1, w0]."""
+    def fold(k: torch.Tensor, dim: int) -> torch.Tensor:
+        t0, t1, t2 = k.unbind(dim)
+        return torch.stack([t2, t1 + t2, t0 + t1, t0], dim)
+    return fold(fold(w, 2), 3).transpose(0, 1)
+
+
 class Upsample2D(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
+    """Nearest-neighbour x2, then a 3x3 conv.
+
+    On the CPU computed as one stride-2 transposed conv with summed 4x4 taps (`_transposed_kernel`), without
+    materialising the upsampled image: 16 instead of 36 multiply-adds per output pixel and channel pair, and
+    no interpolate op. Same function and weights; only the float rounding order differs (~1e-6 relative).
+    Other devices (untimed) keep the plain path."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if x.device.type != "cpu":
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return F.conv_transpose2d(x, _transposed_kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
 
 
 class DownBlock2D(nn.Module):
