@@ -89,13 +89,13 @@ def save_report(path: str | Path, grids: dict[str, torch.Tensor], nrow: int, res
             stacked bars; right: the w-sweep, Bias against quality distance (`sweep[w]` with "bias" and
             "fd"), each point labelled with w and its fidelity.
     """
-    first = image_grid(next(iter(grids.values())), nrow)
-    top_height = 0.8 + 10 / len(grids) * first.shape[0] / first.shape[1]       # grids keep their aspect ratio
+    tiles = {name: image_grid(images, nrow) for name, images in grids.items()}   # (H', W', C) each
+    first = next(iter(tiles.values()))
+    top_height = 0.8 + 10 / len(tiles) * first.shape[0] / first.shape[1]       # grids keep their aspect ratio
     fig = Figure(figsize=(11, top_height + 4.2))
     top, bottom = fig.subfigures(2, 1, height_ratios=[top_height, 4.2])
-    axes = top.subplots(1, len(grids), squeeze=False)[0]
-    for ax, (name, images) in zip(axes, grids.items()):
-        grid = image_grid(images, nrow)
+    axes = top.subplots(1, len(tiles), squeeze=False)[0]
+    for ax, (name, grid) in zip(axes, tiles.items()):
         ax.imshow(grid.numpy(), interpolation="nearest")
         ax.set_xticks([])
         h = grid.shape[0] / len(class_names)
