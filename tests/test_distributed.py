@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -53,7 +54,8 @@ def newest(stage_dir: Path) -> Path:
 def test_torchrun_two_ranks_hold_identical_weights_equal_to_rank0_checkpoint_and_one_process_losses(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                        "train.py", "--preset", "tiny", "--out", str(out), "--steps", "4", "--no-progress"],
+                        "train.py", "--preset", "tiny", "--out", str(out), "--steps", "4", "--no-progress",
+                        "--device", "cpu"],                          # gloo on CPU, also on a 1-GPU machine
                        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -168,3 +170,15 @@ def test_one_step_on_two_ranks_with_half_batches_equals_one_step_on_the_whole_ba
     one = load_tensors(single_head / "head.safetensors")
     two = load_tensors(newest(tmp_path / "ddp" / "oracle") / "head.safetensors")
     assert_same_step(two, one, init)
+
+
+def test_more_cuda_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node 2 on a 1-GPU machine: name the mismatch and the fix, not 'invalid device ordinal'
+    from inside CUDA (seen on an H200 machine)."""
+    from invdiff_min import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"local rank 1 .* 1 CUDA device\(s\): use --nproc_per_node 1 .* --device cpu"):
+        distributed.init(torch.device("cuda"))
