@@ -92,8 +92,8 @@ def merge(paths: list[str]) -> dict:
     reports = [json.loads(Path(p).read_text()) for p in paths]
     merged = copy.deepcopy(reports[0])
     for other in reports[1:]:
-        if other["run"] != merged["run"] or other["n_per_class"] != merged["n_per_class"]:
-            raise SystemExit(f"error: cannot merge reports of different runs or sample sizes: {paths}")
+        if any(other.get(k) != merged.get(k) for k in ("run", "n_per_class", "sampler", "guidance_scale")):
+            raise SystemExit(f"error: cannot merge reports of different runs, sample sizes or samplers: {paths}")
         merged["groups"].update(other["groups"])
         for name, by_w in other["models"].items():
             if name != "base":
@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="head training seeds")
     p.add_argument("--strengths", nargs="+", type=float, default=[1.0, 2.0, 3.0])
     p.add_argument("--n-per-class", type=int, default=None, help="default: the run's eval.n_per_class")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale s of every model, base included (default: the run's)")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -133,14 +135,16 @@ def main() -> None:
     data = make_dataset(cfg.data, "train")
     ec = cfg.eval
     n = args.n_per_class or ec.n_per_class
+    scale = ec.guidance_scale if args.guidance_scale is None else args.guidance_scale
     kw = dict(diffusion_kwargs=cfg.diffusion.scheduler_kwargs(), n_per_class=n, num_classes=cfg.unet.num_classes,
               image_shape=(3, cfg.data.resolution, cfg.data.resolution), sampler=ec.sampler,
-              num_steps=ec.num_steps, guidance_scale=ec.guidance_scale, seed=ec.seed, device=device)
+              num_steps=ec.num_steps, guidance_scale=scale, seed=ec.seed, device=device)
 
     judge = make_judge(cfg.data, run_dir / "judges", device, cfg.eval.judge_steps)
     losses = load_tensors(run_dir / "losses.safetensors")["loss"]
     report: dict = {"run": str(run_dir), "preset": cfg.preset, "data_seed": cfg.data.seed, "n_per_class": n,
-                    "sampler": f"{ec.sampler}-{ec.num_steps}", "losses": read_json(run_dir / "losses.json"),
+                    "sampler": f"{ec.sampler}-{ec.num_steps}", "guidance_scale": scale,
+                    "losses": read_json(run_dir / "losses.json"),
                     "groups": {}, "models": {}}
     report["models"]["base"] = {"0.0": [judge(*generate(GuidedModel(base, None), **kw))]}
     for name in args.variants:
