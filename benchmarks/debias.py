@@ -92,7 +92,8 @@ def merge(paths: list[str]) -> dict:
     reports = [json.loads(Path(p).read_text()) for p in paths]
     merged = copy.deepcopy(reports[0])
     for other in reports[1:]:
-        if any(other.get(k) != merged.get(k) for k in ("run", "n_per_class", "sampler", "guidance_scale")):
+        if any(other.get(k) != merged.get(k) for k in ("run", "n_per_class", "sampler", "guidance_scale",
+                                                       "head_steps")):
             raise SystemExit(f"error: cannot merge reports of different runs, sample sizes or samplers: {paths}")
         merged["groups"].update(other["groups"])
         for name, by_w in other["models"].items():
@@ -108,6 +109,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="head training seeds")
     p.add_argument("--strengths", nargs="+", type=float, default=[1.0, 2.0, 3.0])
     p.add_argument("--n-per-class", type=int, default=None, help="default: the run's eval.n_per_class")
+    p.add_argument("--head-steps", type=int, default=None,
+                   help="train every head to this many steps (default: the run's); shorter heads are continued")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale s of every model, base included (default: the run's)")
     p.add_argument("--json", default=None)
@@ -144,6 +147,7 @@ def main() -> None:
     losses = load_tensors(run_dir / "losses.safetensors")["loss"]
     report: dict = {"run": str(run_dir), "preset": cfg.preset, "data_seed": cfg.data.seed, "n_per_class": n,
                     "sampler": f"{ec.sampler}-{ec.num_steps}", "guidance_scale": scale,
+                    "head_steps": args.head_steps or cfg.head.steps,
                     "losses": read_json(run_dir / "losses.json"),
                     "groups": {}, "models": {}}
     report["models"]["base"] = {"0.0": [judge(*generate(GuidedModel(base, None), **kw))]}
@@ -157,11 +161,15 @@ def main() -> None:
         for seed in args.seeds:
             vcfg = copy.deepcopy(cfg)
             vcfg.head.batch_sampling, vcfg.head.seed = batching, seed
+            vcfg.head.steps = args.head_steps or cfg.head.steps
             # train.py's own heads (same groups, batching and seed) are reused rather than trained again
             own = name in ("invdiff", "oracle", "uniform") and seed == cfg.head.seed
             folder = name if own else f"bench/{name}-s{seed}"
             train.train_head(vcfg, run_dir, folder, weights, base_ckpt, device, progress=False)
-            head, _ = load_head(run_dir / folder, base, device)
+            head, state = load_head(run_dir / folder, base, device)
+            if state["step"] != vcfg.head.steps:          # a head trained past the request is not cut back
+                raise SystemExit(f"error: {run_dir / folder} holds a head at step {state['step']}, not "
+                                 f"{vcfg.head.steps}; pass --head-steps {state['step']} or move that folder away")
             for w in args.strengths:
                 model = GuidedModel(base, head, w, cfg.head.mode, cfg.head.mix_ratio)
                 results.setdefault(str(w), []).append(judge(*generate(model, **kw)))
