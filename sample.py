@@ -1,6 +1,6 @@
 """Sample from a trained (or converted) model, optionally with InvDiff's invariant guidance.
 
-    python sample.py --ckpt runs/cpu --n-per-class 16 --out samples/           # base + head, w = 1
+    python sample.py --ckpt runs/cpu --n-per-class 16 --out samples/           # base + head, the run's w and sampler
     python sample.py --ckpt runs/cpu --strength 0                              # w = 0: exactly the base model
     python sample.py --ckpt runs/cpu --strength 2 --sampler ddpm --steps 1000
     python sample.py --ckpt runs/cpu/base/ckpt-0002000 --head none             # a base checkpoint alone
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from invdiff_min.checkpoint import CheckpointError, list_checkpoints, load_unet, save_tensors, write_json
+from invdiff_min.checkpoint import CheckpointError, list_checkpoints, load_unet, read_json, save_tensors, write_json
 from invdiff_min.config import pick_device
 from invdiff_min.data import DataConfig
 from invdiff_min.evaluate import generate, make_judge
@@ -47,7 +47,7 @@ def check_arguments(args) -> None:
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be at least 1, got {args.batch_size}")
     for flag, value, lo, hi, why in (
-            ("--strength", args.strength, 0.0, 20.0, "0 = base model; the summary uses 1-3"),
+            ("--strength", 1.0 if args.strength is None else args.strength, 0.0, 20.0, "0 = base model"),
             ("--guidance-scale", args.guidance_scale, 0.0, 50.0, "1 = plain conditional, 0 = unconditional"),
             ("--eta", args.eta, 0.0, 1.0, "0 = deterministic DDIM, 1 = DDPM-like")):
         if not (math.isfinite(value) and lo <= value <= hi):
@@ -63,12 +63,16 @@ def main(argv=None) -> int:
     p.add_argument("--n-per-class", type=int, default=16, help="images per class (total for unconditional)")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
-    p.add_argument("--steps", type=int, default=50, help="number of sampling steps (any 1..T)")
+    p.add_argument("--sampler", default=None, choices=("ddim", "ddpm"),
+                   help="default: the run's evaluation sampler (ddim outside a run folder)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="number of sampling steps (any 1..T); default: the run's evaluation steps (50 outside a run)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 stronger")
-    p.add_argument("--strength", type=float, default=1.0, help="InvDiff guidance strength w (0 = base model)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="InvDiff guidance strength w (0 = base model); default: the run's eval.strength, the w its "
+                        "summary reports (it goes with the run's sampler and steps)")
     p.add_argument("--head", default="invdiff",
                    help="which head of the run folder: invdiff | oracle | uniform | none")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="base weights to sample with")
@@ -90,6 +94,13 @@ def main(argv=None) -> int:
         cfg = state["config"]
         model = GuidedModel(base, None)
         run_dir = find_run_dir(Path(args.ckpt))
+        # unset sampler, steps and strength follow the run's evaluation settings (config.json), so that a plain
+        # `sample.py --ckpt RUN` samples the way RUN's summary was measured
+        run_eval = read_json(run_dir / "config.json").get("config", {}).get("eval", {}) if run_dir else {}
+        args.sampler = args.sampler or run_eval.get("sampler", "ddim")
+        args.steps = run_eval.get("num_steps", 50) if args.steps is None else args.steps
+        if args.strength is None:
+            args.strength = float(run_eval.get("strength", 1.0))
         head_note = "base model only"
         if args.head != "none" and run_dir is not None and list_checkpoints(run_dir / args.head):
             head, head_state = load_head(run_dir / args.head, base, device)

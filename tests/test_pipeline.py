@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
@@ -88,6 +89,13 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     assert set(metrics) >= {"bias", "minority_share", "fidelity", "fd", "base", "sweep"}
     assert set(metrics["sweep"]) == {"0.0", "1.0", "2.0", "3.0"} and metrics["strength"] == 2.0
     assert metrics["sweep"]["0.0"] == metrics["base"] and (tmp_path / "s3" / "report.png").is_file()
+    # no --strength / --sampler / --steps: the run's evaluation settings (the w its summary reports)
+    r = run("sample.py", "--ckpt", str(out), "--n-per-class", "2", "--out", str(tmp_path / "s4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with safe_open(str(tmp_path / "s4" / "samples.safetensors"), "pt") as f:
+        meta = f.metadata()
+    tiny = get_preset("tiny").eval
+    assert meta["sampler"] == f"{tiny.sampler}-{tiny.num_steps}" and f"w = {tiny.strength}" in meta["head"]
 
 
 @pytest.mark.parametrize("args,message", [
