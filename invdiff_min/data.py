@@ -8,7 +8,7 @@ A sample is *bias-aligned* when b == y (discs on land, squares on water) and *bi
 its index, y and the hidden b and group = 2 * y + b. Training stages read only `images`, `labels` and
 `index`; `bias` and `group` are hidden and read only by the named oracle and by evaluation.
 
-`read_background` and `read_shape` are exact rules for this domain (colour and fill ratio), so the bias of
+`read_background` and `read_shape` are exact rules for this domain (colour and bounding-box corners), so the bias of
 generated images is measured without classifier error.
 """
 from __future__ import annotations

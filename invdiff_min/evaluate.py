@@ -88,7 +88,7 @@ class Judge:
 
 
 SHAPES_JUDGE = Judge(read_background, read_shape, 2, 2, {"attribute": "exact rule (background colour)",
-                                                         "class": "exact rule (fill ratio)"},
+                                                         "class": "exact rule (bounding-box corners)"},
                      class_names=list(CLASS_NAMES), attribute_names=list(ATTRIBUTE_NAMES))
 
 
