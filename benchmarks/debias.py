@@ -139,6 +139,7 @@ def main() -> None:
     ec = cfg.eval
     n = args.n_per_class or ec.n_per_class
     scale = ec.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    head_steps = args.head_steps or cfg.head.steps
     kw = dict(diffusion_kwargs=cfg.diffusion.scheduler_kwargs(), n_per_class=n, num_classes=cfg.unet.num_classes,
               image_shape=(3, cfg.data.resolution, cfg.data.resolution), sampler=ec.sampler,
               num_steps=ec.num_steps, guidance_scale=scale, seed=ec.seed, device=device)
@@ -147,7 +148,7 @@ def main() -> None:
     losses = load_tensors(run_dir / "losses.safetensors")["loss"]
     report: dict = {"run": str(run_dir), "preset": cfg.preset, "data_seed": cfg.data.seed, "n_per_class": n,
                     "sampler": f"{ec.sampler}-{ec.num_steps}", "guidance_scale": scale,
-                    "head_steps": args.head_steps or cfg.head.steps,
+                    "head_steps": head_steps,
                     "losses": read_json(run_dir / "losses.json"),
                     "groups": {}, "models": {}}
     report["models"]["base"] = {"0.0": [judge(*generate(GuidedModel(base, None), **kw))]}
@@ -161,7 +162,7 @@ def main() -> None:
         for seed in args.seeds:
             vcfg = copy.deepcopy(cfg)
             vcfg.head.batch_sampling, vcfg.head.seed = batching, seed
-            vcfg.head.steps = args.head_steps or cfg.head.steps
+            vcfg.head.steps = head_steps
             # train.py's own heads (same groups, batching and seed) are reused rather than trained again
             own = name in ("invdiff", "oracle", "uniform") and seed == cfg.head.seed
             folder = name if own else f"bench/{name}-s{seed}"

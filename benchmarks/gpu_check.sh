@@ -24,7 +24,8 @@ fi
 for res in 32 64; do
   start=$SECONDS
   timeout "${GPU_CHECK_RUN_TIMEOUT:-600}" "$py" train.py --preset gpu --device cuda --resolution "$res" \
-      --steps 200 --head-steps 200 --num-samples "${GPU_CHECK_SAMPLES:-4000}" --out "$out/run$res" --overwrite --no-progress 2>&1 | stamp > "$out/run$res.txt"
+      --steps 200 --head-steps 200 --num-samples "${GPU_CHECK_SAMPLES:-4000}" --out "$out/run$res" \
+      --overwrite --no-progress 2>&1 | stamp > "$out/run$res.txt"
   echo "run$res: exit ${PIPESTATUS[0]} in $((SECONDS - start)) s"
   grep -E "^.{9}(\[|  (base|invdiff))|Bias|done in" "$out/run$res.txt" || tail -20 "$out/run$res.txt"
 done
