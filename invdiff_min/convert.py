@@ -9,8 +9,9 @@ Two source formats:
     keys like `down.0.block.0.conv1.weight`, renamed by the table `ORIGINAL_DDPM_BLOCKS` / `ORIGINAL_DDPM_LAYERS`.
 
 Nothing is unpickled: `.bin` / `.ckpt` files are read with `torch.load(weights_only=True)`, which only admits
-tensors and plain containers. Every path ends in `load_state_into` (strict `load_state_dict`) and the command
-below ends in a numeric check of the written checkpoint:
+tensors and plain containers. Weights holding NaN or Inf are refused before anything is built, so no checkpoint
+is ever written from them. Every path ends in `load_state_into` (strict `load_state_dict`) and the command
+below ends in a numeric check of the written checkpoint (which also verifies its checksums):
 
     python -m invdiff_min.convert path/to/ddpm-cifar10-32 runs/cifar10-converted
 """
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoint import list_checkpoints, load_state_into, load_unet, save_checkpoint
+from .checkpoint import list_checkpoints, load_state_into, load_unet, non_finite, save_checkpoint
 from .scheduler import BETA_SCHEDULES, DDPMScheduler
 from .unet import UNet, UNetConfig
 
@@ -60,7 +62,12 @@ def read_tensor_file(path: Path):
     """A .safetensors file, or a torch file read with `weights_only=True` (tensors and plain containers only:
     a file holding any other Python object is refused before anything in it runs)."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConversionError(f"could not read {path} as a safetensors file ({why}); it is truncated or "
+                                  f"corrupt: download it again") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as e:   # torch's message names the object, e.g. "GLOBAL io.open"
@@ -73,6 +80,28 @@ def read_tensor_file(path: Path):
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise ConversionError(f"could not read {path} as a torch tensor file ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); is it complete?") from None
+
+
+def read_config(path: Path) -> dict:
+    """A source's JSON config file as a dict; a file that is not a JSON object is refused by name."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); download it again or repair it") from None
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path} holds a JSON {type(cfg).__name__}, not a config object; pass the folder of "
+                              f"a diffusers model, whose config.json is an object of settings")
+    return cfg
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """No checkpoint is written from weights holding NaN or Inf: they would only ever sample NaN."""
+    bad = non_finite(tensors)
+    if bad:
+        raise ConversionError(f"{path}: {len(bad)} of its {len(tensors)} weight tensors hold NaN or Inf "
+                              f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); the file is damaged or the "
+                              f"model had diverged when it was saved: download it again or convert another "
+                              f"checkpoint")
 
 
 # Where training checkpoints keep their weights, in order of preference: EMA first, since the EMA weights
@@ -173,6 +202,10 @@ def unet_config_from_diffusers(cfg: dict, where: Path) -> UNetConfig:
         return ConversionError(f"{where}: {what}; invdiff-min's UNet implements the DDPM UNet of Ho et al. "
                                f"(DownBlock2D/AttnDownBlock2D, positional timesteps, additive time embedding)")
 
+    if "_class_name" not in cfg and isinstance(cfg.get("config"), dict) and "unet" in cfg["config"]:
+        raise ConversionError(f"{where} is an invdiff-min run config, not a diffusers UNet2DModel config: "
+                              f"invdiff-min runs need no conversion; use the run folder directly "
+                              f"(sample.py --ckpt {where.parent}, train.py --init-from {where.parent})")
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise refuse(f"_class_name is {cfg['_class_name']!r}, only UNet2DModel can be converted")
     known = {k for k, *_ in DIFFUSERS_TO_OURS} | set(DIFFUSERS_FIXED) | DIFFUSERS_OTHER
@@ -212,6 +245,11 @@ def unet_config_from_diffusers(cfg: dict, where: Path) -> UNetConfig:
         size = size[0]
     if size is None:
         raise refuse("sample_size is missing; add the image side the model was trained at to config.json")
+    factor = 2 ** (levels - 1)
+    if not isinstance(size, int) or size <= 0 or size % factor:
+        raise ConversionError(f"{where}: sample_size={size!r} is not a positive multiple of {factor}, the "
+                              f"downsampling factor of its {levels} levels; give the image side the model was "
+                              f"trained at")
 
     num_class_embeds = cfg.get("num_class_embeds")
     if num_class_embeds is not None and num_class_embeds < 2:
@@ -275,7 +313,7 @@ def diffusion_from_scheduler_config(cfg: dict, where: Path) -> dict:
 
 def read_diffusers(folder: Path) -> Source:
     unet_dir = find_diffusers_unet(folder)
-    config = unet_config_from_diffusers(json.loads((unet_dir / "config.json").read_text()), unet_dir / "config.json")
+    config = unet_config_from_diffusers(read_config(unet_dir / "config.json"), unet_dir / "config.json")
     weights_file = next((unet_dir / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")
                          if (unet_dir / f"diffusion_pytorch_model.{ext}").is_file()), None)
     if weights_file is None:
@@ -285,10 +323,11 @@ def read_diffusers(folder: Path) -> Source:
     raw = read_tensor_file(weights_file)
     if not isinstance(raw, dict) or not all(torch.is_tensor(v) for v in raw.values()):
         raise ConversionError(f"{weights_file} is not a flat state dict of tensors")
+    refuse_non_finite(raw, weights_file)
     source = Source(folder, DIFFUSERS, config, rename_diffusers(raw), f"the weights in {weights_file.name}")
     sched = find_scheduler_config(folder, unet_dir)
     if sched is not None:
-        source.diffusion = diffusion_from_scheduler_config(json.loads(sched.read_text()), sched)
+        source.diffusion = diffusion_from_scheduler_config(read_config(sched), sched)
         source.diffusion_from = str(sched)
     return source
 
@@ -396,6 +435,7 @@ def infer_original_ddpm_config(sd: dict[str, torch.Tensor], path: Path) -> tuple
 
 def read_original_ddpm(path: Path, config: UNetConfig | None = None) -> Source:
     tensors, weights = select_weights(read_tensor_file(path), path)
+    refuse_non_finite(tensors, path)
     if "time_embedding.linear_1.weight" in tensors:
         raise ConversionError(f"{path} holds diffusers-named weights; pass the folder that holds it with its "
                               f"config.json instead")
@@ -466,7 +506,10 @@ def main(argv: list[str] | None = None) -> None:
           f"schedule from {source.diffusion_from}")
 
     # numeric check: the written checkpoint, rebuilt from its files alone, computes what the converted model does
-    reloaded, _, _ = load_unet(out, weights="model")
+    try:
+        reloaded, _, _ = load_unet(out, weights="model")
+    except ValueError as e:   # CheckpointError: the file just written does not read back
+        raise SystemExit(f"error: the checkpoint just written does not load: {e}") from None
     x, t, y = check_input(source.config, torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (reloaded(x, t, y) - model(x, t, y)).abs().max().item()
