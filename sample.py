@@ -19,17 +19,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from invdiff_min.checkpoint import CheckpointError, list_checkpoints, load_unet, read_json, save_tensors, write_json
-from invdiff_min.config import pick_device
-from invdiff_min.data import DataConfig
-from invdiff_min.evaluate import generate, make_judge
-from invdiff_min.guidance import GuidedModel, load_head
+from invdiff_min.config import RunConfig, pick_device
+from invdiff_min.data import from_model_range, load_splits
+from invdiff_min.diffusion import make_sampler, sample
+from invdiff_min.errors import exit_on_error
+from invdiff_min.evaluate import SampleSettings, make_judge, sample_and_judge
+from invdiff_min.guidance import load_head
 from invdiff_min.plots import save_grid, save_report
+
+MAX_IMAGES = 100_000                  # per strength: 100k 32x32 images are 1.2 GB of float32
 
 
 def find_run_dir(ckpt: Path) -> Path | None:
@@ -41,20 +46,25 @@ def find_run_dir(ckpt: Path) -> Path | None:
 
 
 def check_arguments(args) -> None:
-    """Refuse out-of-range numbers before any model is loaded; each message names the flag and its range."""
-    if args.n_per_class < 1:
-        raise SystemExit(f"error: --n-per-class must be at least 1, got {args.n_per_class}")
-    if args.batch_size < 1:
-        raise SystemExit(f"error: --batch-size must be at least 1, got {args.batch_size}")
+    """Refuse out-of-range numbers and an unusable --out before any model is loaded; each message names the flag."""
+    for flag, value, hi in (("--n-per-class", args.n_per_class, MAX_IMAGES), ("--batch-size", args.batch_size, 10_000)):
+        if not 1 <= value <= hi:
+            raise ValueError(f"{flag} must be an integer in [1, {hi:,}], got {value}")
     for flag, value, lo, hi, why in (
             ("--strength", 1.0 if args.strength is None else args.strength, 0.0, 20.0, "0 = base model"),
             ("--guidance-scale", args.guidance_scale, 0.0, 50.0, "1 = plain conditional, 0 = unconditional"),
             ("--eta", args.eta, 0.0, 1.0, "0 = deterministic DDIM, 1 = DDPM-like")):
         if not (math.isfinite(value) and lo <= value <= hi):
-            raise SystemExit(f"error: {flag} must be a number in [{lo:g}, {hi:g}] ({why}), got {value}")
+            raise ValueError(f"{flag} must be a number in [{lo:g}, {hi:g}] ({why}), got {value}")
     bad = [w for w in args.sweep if not (math.isfinite(w) and 0.0 <= w <= 20.0)]
     if bad:
-        raise SystemExit(f"error: --sweep strengths must lie in [0, 20] like --strength, got {bad}")
+        raise ValueError(f"--sweep strengths must lie in [0, 20] like --strength, got {bad}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder (it is created when missing)")
+    parent = out if out.is_dir() else next(p for p in out.absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write to {parent} (for --out {out}); pass a folder you can write")
 
 
 def main(argv=None) -> int:
@@ -83,67 +93,67 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0],
                    help="with --evaluate: strengths w for the Bias-against-quality curve (default 0 1 2 3)")
     args = p.parse_args(argv)
+    with exit_on_error():                      # bad input ends in one line, `error: ...` (exit status 1)
+        return sample_run(args)
 
+
+def sample_run(args) -> int:
+    """Load the model (and head) of --ckpt, sample, write the outputs, judge them on --evaluate."""
     check_arguments(args)
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    try:
-        base, state, ckpt = load_unet(args.ckpt, device, weights=args.weights)
-        cfg = state["config"]
-        model = GuidedModel(base, None)
-        run_dir = find_run_dir(Path(args.ckpt))
-        # unset sampler, steps and strength follow the run's evaluation settings (config.json), so that a plain
-        # `sample.py --ckpt RUN` samples the way RUN's summary was measured
-        run_eval = read_json(run_dir / "config.json").get("config", {}).get("eval", {}) if run_dir else {}
-        args.sampler = args.sampler or run_eval.get("sampler", "ddim")
-        args.steps = run_eval.get("num_steps", 50) if args.steps is None else args.steps
-        if args.strength is None:
-            args.strength = float(run_eval.get("strength", 1.0))
-        head_note = "base model only"
-        if args.head != "none" and run_dir is not None and list_checkpoints(run_dir / args.head):
-            head, head_state = load_head(run_dir / args.head, base, device)
-            model = GuidedModel(base, head, args.strength, cfg["head"]["mode"], cfg["head"]["mix_ratio"])
-            head_note = f"head {args.head} at strength w = {args.strength}"
-        elif args.head not in ("none", "invdiff"):
-            raise CheckpointError(f"no trained head {args.head!r} under {run_dir}; train it with "
-                                  f"python train.py --compare, or pass --head none")
-        num_steps = args.steps
-        T = cfg["diffusion"]["num_train_timesteps"]
-        if not 1 <= num_steps <= T:
-            raise SystemExit(f"error: --steps must be in [1, {T}], got {num_steps}")
-        unet_cfg = cfg["unet"]
-        num_classes = unet_cfg.get("num_classes") or 0
-        side = cfg.get("data", {}).get("resolution", unet_cfg["sample_size"])
-        def draw(m):
-            return generate(m, cfg["diffusion"], args.n_per_class, max(1, num_classes),
-                            (unet_cfg["in_channels"], side, side), args.sampler, num_steps, args.guidance_scale,
-                            args.eta, args.seed, device, args.batch_size)
-        images, labels = draw(model) if num_classes else generate_unconditional(model, cfg, args, side, device)
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    device = pick_device(args.device)
+    base, state, ckpt = load_unet(args.ckpt, device, weights=args.weights)
+    cfg = state["config"]
+    run_dir = find_run_dir(Path(args.ckpt))
+    # unset sampler, steps and strength follow the run's evaluation settings (config.json), so that a plain
+    # `sample.py --ckpt RUN` samples the way RUN's summary was measured
+    run_eval = read_json(run_dir / "config.json").get("config", {}).get("eval", {}) if run_dir else {}
+    args.sampler = args.sampler or run_eval.get("sampler", "ddim")
+    args.steps = run_eval.get("num_steps", 50) if args.steps is None else args.steps
+    if args.strength is None:
+        args.strength = float(run_eval.get("strength", 1.0))
+    T = cfg["diffusion"]["num_train_timesteps"]
+    if not 1 <= args.steps <= T:
+        raise ValueError(f"--steps must be in [1, {T}], got {args.steps}")
+    head, head_note = None, "base model only"
+    if args.head != "none" and run_dir is not None and list_checkpoints(run_dir / args.head):
+        head, _ = load_head(run_dir / args.head, base, device)
+        head_note = f"head {args.head} at strength w = {args.strength}"
+    elif args.head not in ("none", "invdiff"):
+        raise CheckpointError(f"no trained head {args.head!r} under {run_dir}; train it with python train.py "
+                              f"--compare, or pass --head none")
+    strength = args.strength if head is not None else 0.0
+    mode, mix_ratio = (cfg["head"]["mode"], cfg["head"]["mix_ratio"]) if "head" in cfg else ("additive", 0.5)
+    num_classes = cfg["unet"].get("num_classes") or 0
+    side = cfg.get("data", {}).get("resolution", cfg["unet"]["sample_size"])
+    settings = SampleSettings(cfg["diffusion"], args.n_per_class, max(1, num_classes),
+                              (cfg["unet"]["in_channels"], side, side), args.sampler, args.steps, args.guidance_scale,
+                              args.eta, args.seed, device, args.batch_size)
+    judge = None
+    if args.evaluate:                          # refused before sampling when the run cannot be judged
+        if not num_classes or "data" not in cfg or run_dir is None:
+            raise ValueError("--evaluate needs a class-conditional model inside a train.py run folder (it judges "
+                             "samples by the run's dataset)")
+        run_cfg = RunConfig.from_dict(cfg)
+        judge = make_judge(load_splits(run_cfg.data), run_dir / "judges", device, run_cfg.eval.judge_steps)
+    if num_classes:
+        images, labels, metrics = sample_and_judge(base, head, strength, judge or (lambda i, y: {}), settings, mode,
+                                                   mix_ratio)
+    else:
+        images, labels, metrics = generate_unconditional(base, settings), torch.full((args.n_per_class,), -1), {}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "samples.safetensors", {"images": images, "labels": labels},
-                 {"checkpoint": str(ckpt), "head": head_note, "sampler": f"{args.sampler}-{num_steps}",
+                 {"checkpoint": str(ckpt), "head": head_note, "sampler": f"{args.sampler}-{args.steps}",
                   "guidance_scale": args.guidance_scale, "seed": args.seed})
     nrow = min(args.n_per_class, 16)
     pick = torch.cat([torch.arange(nrow) + c * args.n_per_class for c in range(max(1, num_classes))])
     save_grid(out / "grid.png", images[pick], nrow=nrow,
-              title=f"{head_note}; {args.sampler}-{num_steps}, CFG scale {args.guidance_scale}")
+              title=f"{head_note}; {args.sampler}-{args.steps}, CFG scale {args.guidance_scale}")
     print(f"{len(images)} images ({head_note}) -> {out / 'samples.safetensors'} and {out / 'grid.png'}")
-    if args.evaluate:
-        if not num_classes or "data" not in cfg or run_dir is None:
-            raise SystemExit("error: --evaluate needs a class-conditional model inside a train.py run folder "
-                             "(it judges samples by the run's dataset)")
-        try:
-            judge = make_judge(DataConfig(**cfg["data"]), run_dir / "judges", device,
-                               cfg.get("eval", {}).get("judge_steps", 400))
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            raise SystemExit(f"error: cannot build the judge of dataset {cfg['data'].get('name')!r}: {e}")
-        metrics = evaluate_samples(judge, model, draw, images, labels, args, head_note, out)
+    if judge is not None:
+        metrics = evaluate_samples(judge, base, head, strength, mode, mix_ratio, settings, images, labels, metrics,
+                                   args, head_note, out)
         quality = f", FD {metrics['fd']:.4g}" if "fd" in metrics else ""
         print(f"Bias {metrics['bias']:.3f}, minority share per class "
               f"{[round(m, 3) for m in metrics['minority_share']]}, fidelity {metrics['fidelity']:.3f}{quality} "
@@ -151,18 +161,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def evaluate_samples(judge, model, draw, images, labels, args, head_note: str, out: Path) -> dict:
+def evaluate_samples(judge, base, head, strength, mode, mix_ratio, settings, images, labels, requested: dict, args,
+                     head_note: str, out: Path) -> dict:
     """metrics.json and report.png: the requested model, the base model on the same seeds, and the sweep of w
     (each strength sampled with the same seeds; the requested model's own samples are reused)."""
-    guided = model.head is not None and model.strength != 0.0
-    by_w = {model.strength if guided else 0.0: (images, labels)}
+    guided = head is not None and strength != 0.0
+    by_w = {strength: (images, labels, requested)}
     if guided:
         for w in sorted(set(args.sweep) | {0.0}):
             if w not in by_w:
-                by_w[w] = draw(GuidedModel(model.base, model.head if w else None, w, model.mode, model.mix_ratio))
-    sweep = {w: judge(*by_w[w]) for w in sorted(by_w)}
-    requested = sweep[model.strength if guided else 0.0]
-    metrics = {**requested, "judged_by": judge.how, "model": head_note, "strength": model.strength if guided else 0.0,
+                by_w[w] = sample_and_judge(base, head, w, judge, settings, mode, mix_ratio)
+    sweep = {w: by_w[w][2] for w in sorted(by_w)}
+    metrics = {**requested, "judged_by": judge.how, "model": head_note, "strength": strength,
                "sampler": f"{args.sampler}-{args.steps}", "guidance_scale": args.guidance_scale, "seed": args.seed,
                "base": sweep[0.0], "sweep": {str(w): r for w, r in sweep.items()}}
     write_json(out / "metrics.json", metrics)
@@ -172,24 +182,21 @@ def evaluate_samples(judge, model, draw, images, labels, args, head_note: str, o
     grids = {"base": by_w[0.0][0][pick]}
     results = {"base": sweep[0.0]}
     if guided:
-        grids[f"w = {model.strength:g}"] = images[pick]
-        results[f"w = {model.strength:g}"] = requested
+        grids[f"w = {strength:g}"] = images[pick]
+        results[f"w = {strength:g}"] = requested
     save_report(out / "report.png", grids, k, results, sweep if guided else {}, names,
                 judge.attribute_names or [str(a) for a in range(judge.num_attributes)],
                 title=f"{head_note}; {args.sampler}-{args.steps}, {args.n_per_class} per class, seed {args.seed}")
     return metrics
 
 
-def generate_unconditional(model, cfg, args, side, device):
-    """Unconditional model (e.g. converted DDPM weights): n images, labels -1."""
-    from invdiff_min.data import from_model_range
-    from invdiff_min.diffusion import make_sampler, sample
-
-    scheduler = make_sampler(args.sampler, cfg["diffusion"]).to(device)
-    g = torch.Generator().manual_seed(args.seed)
-    shape = (args.n_per_class, cfg["unet"]["in_channels"], side, side)
-    x = sample(model, scheduler, shape, None, args.steps, eta=args.eta, generator=g, device=device)
-    return from_model_range(x).cpu(), torch.full((args.n_per_class,), -1)
+def generate_unconditional(model, settings: SampleSettings) -> torch.Tensor:
+    """Unconditional model (e.g. converted DDPM weights): n images in [0, 1] (their labels are -1)."""
+    scheduler = make_sampler(settings.sampler, settings.diffusion_kwargs).to(settings.device)
+    shape = (settings.n_per_class, *settings.image_shape)
+    x = sample(model, scheduler, shape, None, settings.num_steps, eta=settings.eta,
+               generator=torch.Generator().manual_seed(settings.seed), device=settings.device)
+    return from_model_range(x).cpu()
 
 
 if __name__ == "__main__":

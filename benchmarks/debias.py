@@ -26,21 +26,17 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import train  # noqa: E402
-from invdiff_min.checkpoint import load_tensors, read_json, resolve_checkpoint  # noqa: E402
-from invdiff_min.config import RunConfig  # noqa: E402
-from invdiff_min.data import make_dataset  # noqa: E402
-from invdiff_min.evaluate import generate, make_judge  # noqa: E402
-from invdiff_min.groups import group_report, official_groups  # noqa: E402
-from invdiff_min.guidance import GuidedModel, load_head  # noqa: E402
-from invdiff_min.checkpoint import load_unet  # noqa: E402
+from invdiff_min import pipeline
+from invdiff_min.checkpoint import load_tensors, load_unet, read_json, save_tensors
+from invdiff_min.config import RunConfig
+from invdiff_min.data import load_splits
+from invdiff_min.evaluate import make_judge, sample_and_judge
+from invdiff_min.groups import group_report, official_groups
+from invdiff_min.guidance import load_head
 
 VARIANTS = {  # name: (group source, batch sampling)
     "invdiff": ("invdiff", "balanced"),
@@ -52,12 +48,14 @@ VARIANTS = {  # name: (group source, batch sampling)
 }
 
 
-def variant_weights(cfg: RunConfig, run_dir: Path, source: str) -> torch.Tensor:
+def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> torch.Tensor:
+    """The group assignment W of a variant: the run's inferred groups, the hidden cells, one group, or the
+    official grouper's (computed once and kept in RUN/bench/)."""
     if source != "official":
-        return train.head_weights(cfg, run_dir, source)
+        inferred = pipeline.load_groups(run_dir) if source == "invdiff" else None
+        return pipeline.group_assignments(source, data, inferred)
     path = run_dir / "bench" / "official_groups.safetensors"
     if not path.exists():
-        from invdiff_min.checkpoint import save_tensors
         g = cfg.groups
         w = official_groups(load_tensors(run_dir / "losses.safetensors")["loss"], g.num_groups, g.steps, g.lr,
                             g.w_nz, g.restarts, g.seed)
@@ -133,47 +131,44 @@ def main() -> None:
     run_dir = Path(args.run)
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
     device = torch.device(args.device)
-    base_ckpt = resolve_checkpoint(run_dir, "base")
-    base, _, _ = load_unet(base_ckpt, device)
-    data = make_dataset(cfg.data, "train")
-    ec = cfg.eval
-    n = args.n_per_class or ec.n_per_class
-    scale = ec.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    base, _, base_ckpt = load_unet(run_dir, device)
+    splits = load_splits(cfg.data)
+    data = splits.train
+    n = args.n_per_class or cfg.eval.n_per_class
+    scale = cfg.eval.guidance_scale if args.guidance_scale is None else args.guidance_scale
     head_steps = args.head_steps or cfg.head.steps
-    kw = dict(diffusion_kwargs=cfg.diffusion.scheduler_kwargs(), n_per_class=n, num_classes=cfg.unet.num_classes,
-              image_shape=(3, cfg.data.resolution, cfg.data.resolution), sampler=ec.sampler,
-              num_steps=ec.num_steps, guidance_scale=scale, seed=ec.seed, device=device)
+    how = pipeline.sample_settings(cfg, device, n_per_class=n, guidance_scale=scale)
 
-    judge = make_judge(cfg.data, run_dir / "judges", device, cfg.eval.judge_steps)
+    judge = make_judge(splits, run_dir / "judges", device, cfg.eval.judge_steps)
     losses = load_tensors(run_dir / "losses.safetensors")["loss"]
     report: dict = {"run": str(run_dir), "preset": cfg.preset, "data_seed": cfg.data.seed, "n_per_class": n,
-                    "sampler": f"{ec.sampler}-{ec.num_steps}", "guidance_scale": scale,
+                    "sampler": f"{cfg.eval.sampler}-{cfg.eval.num_steps}", "guidance_scale": scale,
                     "head_steps": head_steps,
                     "losses": read_json(run_dir / "losses.json"),
                     "groups": {}, "models": {}}
-    report["models"]["base"] = {"0.0": [judge(*generate(GuidedModel(base, None), **kw))]}
+    report["models"]["base"] = {"0.0": [sample_and_judge(base, None, 0.0, judge, how)[2]]}
     for name in args.variants:
         source, batching = VARIANTS[name]
-        weights = variant_weights(cfg, run_dir, source)
+        assignments = variant_assignments(cfg, run_dir, source, data)
         if source in ("invdiff", "official"):
-            report["groups"][source] = group_report(weights, losses, data.labels, data.conflicting,
+            report["groups"][source] = group_report(assignments, losses, data.labels, data.conflicting,
                                                     data.group).to_dict()
         results: dict = {}
         for seed in args.seeds:
-            vcfg = copy.deepcopy(cfg)
-            vcfg.head.batch_sampling, vcfg.head.seed = batching, seed
-            vcfg.head.steps = head_steps
+            variant = copy.deepcopy(cfg)
+            variant.head.batch_sampling, variant.head.seed = batching, seed
+            variant.head.steps = head_steps
             # train.py's own heads (same groups, batching and seed) are reused rather than trained again
-            own = name in ("invdiff", "oracle", "uniform") and seed == cfg.head.seed
-            folder = name if own else f"bench/{name}-s{seed}"
-            train.train_head(vcfg, run_dir, folder, weights, base_ckpt, device, progress=False)
-            head, state = load_head(run_dir / folder, base, device)
-            if state["step"] != vcfg.head.steps:          # a head trained past the request is not cut back
-                raise SystemExit(f"error: {run_dir / folder} holds a head at step {state['step']}, not "
-                                 f"{vcfg.head.steps}; pass --head-steps {state['step']} or move that folder away")
+            own = name in pipeline.HEADS and seed == cfg.head.seed
+            folder = run_dir / (name if own else f"bench/{name}-s{seed}")
+            pipeline.train_head(variant, data, base, assignments, device, folder, str(base_ckpt), progress=False)
+            head, state = load_head(folder, base, device)
+            if state["step"] != variant.head.steps:        # a head trained past the request is not cut back
+                raise SystemExit(f"error: {folder} holds a head at step {state['step']}, not {variant.head.steps}; "
+                                 f"pass --head-steps {state['step']} or move that folder away")
             for w in args.strengths:
-                model = GuidedModel(base, head, w, cfg.head.mode, cfg.head.mix_ratio)
-                results.setdefault(str(w), []).append(judge(*generate(model, **kw)))
+                metrics = sample_and_judge(base, head, w, judge, how, cfg.head.mode, cfg.head.mix_ratio)[2]
+                results.setdefault(str(w), []).append(metrics)
             print(f"{name} seed {seed}: " + ", ".join(f"w={w} Bias {results[str(w)][-1]['bias']:.3f}"
                                                      for w in args.strengths), flush=True)
         report["models"][name] = results

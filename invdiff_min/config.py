@@ -7,6 +7,10 @@ their settings here too, with the official code's values named next to our defau
 from __future__ import annotations
 
 import copy
+import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from .data import DataConfig
@@ -143,6 +147,65 @@ def _from_dict(cls, d: dict):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def apply_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
+    """`--set SECTION.FIELD=VALUE` for any field of the config, e.g. head.lam=2, losses.num_draws=16,
+    losses.t_window=[500,800], head.block_out_channels=[16,32]. VALUE is read as JSON when it parses (numbers,
+    lists, true/false, null), else as a string; it must fit the field's type. Unknown names and wrong types
+    are refused with the list of what exists."""
+    for item in items:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--set takes SECTION.FIELD=VALUE (e.g. head.lam=2), got {item!r}")
+        *sections, name = path.strip().split(".")
+        target = cfg
+        for section in sections:
+            if not is_dataclass(target) or section not in {f.name for f in fields(target)}:
+                known = sorted(f.name for f in fields(target)) if is_dataclass(target) else []
+                raise ValueError(f"--set {path}: no config section {section!r}; sections: {', '.join(known)}")
+            target = getattr(target, section)
+        if not is_dataclass(target) or name not in {f.name for f in fields(target)}:
+            known = sorted(f.name for f in fields(target)) if is_dataclass(target) else []
+            raise ValueError(f"--set {path}: no field {name!r} in {'.'.join(sections) or 'the config'}; fields: "
+                             f"{', '.join(known)}")
+        hint = typing.get_type_hints(type(target))[name]
+        if is_dataclass(hint):
+            raise ValueError(f"--set {path}: {name} is a section; set one of its fields, e.g. {path}.FIELD=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        setattr(target, name, _fit(value, hint, f"--set {path}"))
+    return cfg
+
+
+def _fit(value, hint, where: str):
+    """`value` (parsed JSON) as the type `hint` of a config field, or a ValueError naming both."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                math.isfinite(value):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if origin is dict and isinstance(value, dict):
+            return value
+        if origin is tuple and isinstance(value, list):
+            args = typing.get_args(option)
+            inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+            if inner is None and len(args) != len(value):
+                continue
+            return tuple(_fit(v, inner or a, where) for v, a in zip(value, args if inner is None else value))
+    raise ValueError(f"{where}: {json.dumps(value)} is not a {getattr(hint, '__name__', None) or hint}")
 
 
 def _tiny() -> RunConfig:

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 
 from .scheduler import DDIMScheduler, DDPMScheduler, _NoiseSchedule
+from .unet import UNet
+from .validate import check_unet_inputs
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -37,17 +39,32 @@ def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int, generator: to
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
+def denoising_loss(model: EpsModel, scheduler: _NoiseSchedule, x0: torch.Tensor, y: torch.Tensor | None,
+                   t: torch.Tensor, eps: torch.Tensor, target: str = "eps") -> torch.Tensor:
+    """The per-sample denoising loss every stage reduces its own way, (B,) float32:
+        l_i = mean_pixels || model(x_t, t_i, y_i) - eps_i ||^2,   x_t = q_sample(x0_i, eps_i, t_i)
+    (Ho et al. eq. 14 before the mean over samples). The base model averages it over the batch (L_simple),
+    group inference averages it over draws per sample, the head combines it into group risks (L_e).
+    target="x0" compares the prediction with x0 instead: deviation kept as an option, what the official
+    InvDiff grouper computes (src/group/train_group.py), not what the paper writes."""
+    x_t = scheduler.q_sample(x0, eps, t)
+    return per_sample_mse(model(x_t, t, y), eps if target == "eps" else x0)
+
+
 def training_loss(model: EpsModel, scheduler: _NoiseSchedule, x0: torch.Tensor, y: torch.Tensor | None,
                   generator: torch.Generator | None = None, p_uncond: float = 0.0,
-                  null_label: int | None = None) -> torch.Tensor:
-    """L_simple over a batch (a scalar, float32). x0 in [-1, 1], (B, C, H, W); noise and t from `generator`."""
+                  null_label: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
+    """L_simple over a batch (a scalar, float32). x0 in [-1, 1], (B, C, H, W); t, noise and label dropout drawn
+    from `generator` for the whole batch. `rows` takes the loss over a slice of the batch with exactly the
+    draws the whole batch would get: each data-parallel process passes its own rows."""
     b = x0.shape[0]
-    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    if y is not None and p_uncond > 0:
-        y = drop_labels(y, p_uncond, null_label, generator=generator)
-    x_t = scheduler.add_noise(x0, noise, t)
-    return per_sample_mse(model(x_t, t, y), scheduler.training_target(x0, noise)).mean()
+    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator)[rows].to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator)[rows].to(x0.device)
+    if y is not None:
+        if p_uncond > 0:
+            y = drop_labels(y, p_uncond, null_label, generator=generator)
+        y = y[rows]
+    return denoising_loss(model, scheduler, x0[rows], y, t, noise).mean()
 
 
 def make_sampler(name: str, schedule_kwargs: dict | None = None) -> _NoiseSchedule:
@@ -76,6 +93,9 @@ def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], l
         raise ValueError("classifier-free guidance (guidance_scale != 1) needs class labels and a null label")
     scheduler.set_timesteps(num_steps)
     x = torch.randn(shape, generator=generator).to(device)
+    net = getattr(model, "base", model)          # a guided model checks through its base UNet
+    if isinstance(net, UNet):                    # once, where images enter: the loop below stays unchecked
+        check_unet_inputs(net, x, scheduler.timesteps[0], labels)
     if labels is not None:
         labels = labels.to(device)
         null = torch.full_like(labels, null_label) if null_label is not None else None

@@ -141,3 +141,50 @@ def all_gather_object(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def print0(*args) -> None:
+    """print, on rank 0 only (under torchrun every process runs the same code)."""
+    if is_main():
+        print(*args, flush=True)
+
+
+def check_replicas(stage: str, *modules: torch.nn.Module) -> None:
+    """Under torchrun every process must end a stage with the same weights (same averaged gradient, same
+    optimizer step, same EMA update on each): compare their fingerprints, stop if one drifted."""
+    if world_size() == 1:
+        return
+    from .checkpoint import fingerprint
+
+    everyone = all_gather_object([fingerprint(m.state_dict()) for m in modules])
+    if any(f != everyone[0] for f in everyone):
+        raise RuntimeError(f"[{stage}] the processes hold different weights after training (fingerprints per rank "
+                           f"{everyone}); a non-deterministic step or a rank that skipped a step diverged them")
+    print0(f"[{stage}] the {len(everyone)} processes hold identical weights: fingerprints per rank {everyone}")
+
+
+class RoundRobinCalls:
+    """A model whose calls are shared out over the processes: rank r of W runs the network for its calls
+    r, r + W, r + 2W, ... and returns zeros (no work) for the others, whose results another rank computes.
+    `gather_round_robin` puts the pieces back together."""
+
+    def __init__(self, model):
+        self.model, self.null_label, self.calls = model, model.null_label, 0
+
+    def __call__(self, x, t, y):
+        mine = self.calls % world_size() == rank()
+        self.calls += 1
+        return self.model(x, t, y) if mine else torch.zeros_like(x)
+
+
+def gather_round_robin(values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """values (N, M): per-sample results of a loop over M draws, then over batches of `batch_size` samples, made
+    through `RoundRobinCalls` (its call k = m * n_batches + b ran on rank k % W). Returns the (N, M) every rank
+    would have computed alone, on every rank."""
+    if world_size() == 1:
+        return values
+    n, num_draws = values.shape
+    n_batches = (n + batch_size - 1) // batch_size
+    call = torch.arange(num_draws)[None, :] * n_batches + (torch.arange(n) // batch_size)[:, None]   # (N, M)
+    owner = call % world_size()
+    return torch.stack(all_gather(values)).gather(0, owner[None])[0]          # (W, N, M) -> (N, M)

@@ -2,18 +2,16 @@
 class each shows, and report the paper's Bias, the minority share per class and fidelity (share of samples
 showing the requested class).
 
-How the images are read depends on the domain (`make_judge`):
-    shapes   exact rules of `data.py` for both (no classifier error);
-    cmnist   the exact colour reader of `datasets.py` for the attribute, a small CNN for the digit;
-    others   small CNNs for both, trained on the balanced eval split (`classifiers.py`).
+How the images are read is the dataset's to say (`make_judge` asks its `DatasetSpec`): an exact reader where
+the domain has one (the built-in shapes: both; Colored-MNIST: the colour), else a small CNN trained on the
+balanced eval split (`classifiers.py`); the CNN's held-out accuracy is reported either way (`Judge.how`).
 
 Image quality (when `make_judge` is given a folder): the distance between the generated images and the
 balanced real set (the eval split) in the feature space of the judge's two small CNNs (class and attribute,
 their pooled features side by side), so it sees both what the object is and what surrounds it. Inception
 weights cannot be downloaded here, so this is the project's own stand-in for FID / KID / improved precision
 and recall: comparable between models of one run (same features, same reference, same number of samples),
-not with published FIDs. Where a domain has an exact reader (the built-in shapes, Colored-MNIST colours), the
-exact reader judges and the CNN's held-out accuracy is reported next to it (`Judge.how`).
+not with published FIDs.
 """
 from __future__ import annotations
 
@@ -22,10 +20,27 @@ from typing import Callable
 
 import torch
 
-from .data import ATTRIBUTE_NAMES, CLASS_NAMES, DataConfig, from_model_range, make_dataset, read_background, read_shape
+from .data import ATTRIBUTE_NAMES, CLASS_NAMES, DataSplits, from_model_range, read_background, read_shape
 from .diffusion import make_sampler, sample
+from .guidance import GuidedModel
 from .metrics import (attribute_counts, bias_score, fidelity, frechet_distance, image_features, kernel_distance,
                       minority_share, precision_recall)
+
+
+@dataclass
+class SampleSettings:
+    """How a model is sampled for judging: the arguments of `generate` after the model."""
+    diffusion_kwargs: dict                       # the noise schedule (DiffusionConfig.scheduler_kwargs())
+    n_per_class: int
+    num_classes: int
+    image_shape: tuple[int, int, int]            # (C, H, W)
+    sampler: str = "ddim"
+    num_steps: int = 25
+    guidance_scale: float = 1.0                  # classifier-free guidance scale s (1 = plain conditional)
+    eta: float = 0.0
+    seed: int = 0
+    device: object = "cpu"
+    batch_size: int = 500
 
 
 def generate(model, diffusion_kwargs: dict, n_per_class: int, num_classes: int, image_shape: tuple[int, int, int],
@@ -42,6 +57,16 @@ def generate(model, diffusion_kwargs: dict, n_per_class: int, num_classes: int, 
                    null_label=getattr(model, "null_label", None), eta=eta, generator=g, device=device)
         out.append(from_model_range(x).cpu())
     return torch.cat(out), labels
+
+
+def sample_and_judge(base, head, strength: float, judge: "Judge", settings: SampleSettings, mode: str = "additive",
+                     mix_ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Sample eps_theta + w G_psi (w = `strength`; w = 0 or head None: the base model alone) and judge the
+    samples. Returns (images in [0, 1], labels, metrics). Every caller that compares models (the pipeline's
+    evaluation, sample.py --evaluate, the benchmarks) samples through here, so a seed means the same noise."""
+    model = GuidedModel(base, head if strength else None, strength, mode, mix_ratio)
+    images, labels = generate(model, **vars(settings))
+    return images, labels, judge(images, labels)
 
 
 @dataclass
@@ -87,8 +112,8 @@ class Judge:
                 "precision": p, "recall": r}
 
 
-SHAPES_JUDGE = Judge(read_background, read_shape, 2, 2, {"attribute": "exact rule (background colour)",
-                                                         "class": "exact rule (bounding-box corners)"},
+SHAPES_JUDGE = Judge(lambda images: read_background(images), lambda images: read_shape(images), 2, 2,
+                     {"attribute": "exact rule (background colour)", "class": "exact rule (bounding-box corners)"},
                      class_names=list(CLASS_NAMES), attribute_names=list(ATTRIBUTE_NAMES))
 
 
@@ -97,44 +122,42 @@ def judge(images: torch.Tensor, labels: torch.Tensor) -> dict:
     return SHAPES_JUDGE(images, labels)
 
 
-def make_judge(data_cfg: DataConfig, folder=None, device="cpu", steps: int = 400) -> Judge:
-    """The judge of a run's domain. Classifiers are trained on the balanced eval split and cached in `folder`
-    (e.g. RUN/judges); their held-out accuracy is in `Judge.how` and is printed. With a folder the judge also
-    measures image quality (module docstring); without one only the built-in domain can be judged (exact
-    rules, no quality)."""
+def make_judge(splits: DataSplits, folder=None, device="cpu", steps: int = 400) -> Judge:
+    """The judge of a dataset: its exact readers where its spec has them, else small CNNs trained on the
+    balanced eval split and cached in `folder` (e.g. RUN/judges), whose held-out accuracy is in `Judge.how` and
+    is printed. With a folder the judge also measures image quality (module docstring); without one only a
+    dataset with exact readers for both class and attribute can be judged (no quality)."""
+    spec, ev = splits.spec, splits.eval
+    names = dict(class_names=list(ev.class_names), attribute_names=list(ev.attribute_names))
+    exact = {"class": (spec.read_class, ev.labels, ev.num_classes),
+             "attribute": (spec.read_attribute, ev.bias, ev.num_attributes)}
+    readers, how = {}, {}
+    for what, (reader, truth, k) in exact.items():
+        if reader is not None:
+            readers[what] = lambda images, reader=reader, k=k: reader(images, k)
+            agree = float((readers[what](ev.images) == truth).float().mean())
+            how[what] = f"exact reader of {spec.name} (agrees with the eval split's labels on {agree:.3f})"
     if folder is None:
-        if data_cfg.name == "shapes":
-            return SHAPES_JUDGE
-        raise ValueError(f"dataset {data_cfg.name!r} is judged by classifiers; pass a folder to cache them in")
+        if len(readers) < 2:
+            raise ValueError(f"dataset {spec.name!r} is judged by classifiers; pass a folder to cache them in")
+        return Judge(readers["attribute"], readers["class"], ev.num_classes, ev.num_attributes, how, **names)
     from .classifiers import load_or_train
 
-    ev = make_dataset(data_cfg, "eval")
-
-    def classifier(name, targets, k):
-        model, acc = load_or_train(folder, name, ev.images, targets, k, device=device, steps=steps)
-        print(f"[judge] {name} classifier: held-out accuracy {acc:.3f}")
-        return model, f"small CNN on the balanced eval split, held-out accuracy {acc:.3f}"
-
-    class_net, class_how = classifier("class", ev.labels, ev.num_classes)
-    attribute_net, attribute_how = classifier("attribute", ev.bias, ev.num_attributes)
-    read_class, read_attribute = class_net.predict, attribute_net.predict
-    how = {"class": class_how, "attribute": attribute_how}
-    if data_cfg.name == "shapes":                 # exact rules judge; the CNNs are reported next to them
-        read_class, read_attribute = SHAPES_JUDGE.read_class, SHAPES_JUDGE.read_attribute
-        how = {**SHAPES_JUDGE.how, "class_cnn": class_how, "attribute_cnn": attribute_how}
-    elif data_cfg.name == "cmnist":               # exact colour reader; its CNN is reported next to it
-        from .datasets import read_digit_colour
-        k = ev.num_attributes
-        read_attribute = lambda images: read_digit_colour(images, k)   # noqa: E731
-        exact = float((read_attribute(ev.images) == ev.bias).float().mean())
-        how["attribute"] = f"exact colour reader (agrees with the eval split's labels on {exact:.3f})"
-        how["attribute_cnn"] = attribute_how
+    nets = {}
+    for what, (reader, truth, k) in exact.items():
+        nets[what], acc = load_or_train(folder, what, ev.images, truth, k, device=device, steps=steps)
+        print(f"[judge] {what} classifier: held-out accuracy {acc:.3f}")
+        cnn = f"small CNN on the balanced eval split, held-out accuracy {acc:.3f}"
+        if what in readers:                        # the exact reader judges; its CNN is reported beside it
+            how[f"{what}_cnn"] = cnn
+        else:
+            readers[what], how[what] = nets[what].predict, cnn
 
     def features(images: torch.Tensor) -> torch.Tensor:                  # (N, D_class + D_attribute)
-        return torch.cat([image_features(class_net, images), image_features(attribute_net, images)], dim=1)
+        return torch.cat([image_features(nets["class"], images), image_features(nets["attribute"], images)], dim=1)
 
     reference = features(ev.images)
     how["quality"] = (f"pooled features of the class and attribute CNNs ({reference.shape[1]} dims); "
                       f"reference: the balanced eval split, {len(ev)} images")
-    names = dict(class_names=list(ev.class_names), attribute_names=list(ev.attribute_names))
-    return Judge(read_attribute, read_class, ev.num_classes, ev.num_attributes, how, features, reference, **names)
+    return Judge(readers["attribute"], readers["class"], ev.num_classes, ev.num_attributes, how, features, reference,
+                 **names)

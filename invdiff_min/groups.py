@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .data import to_model_range
-from .diffusion import per_sample_mse
+from .diffusion import denoising_loss
 from .metrics import auroc, normalized_mutual_info
 from .scheduler import _NoiseSchedule
 
@@ -72,15 +72,14 @@ def loss_draws(model, scheduler: _NoiseSchedule, images: torch.Tensor, labels: t
             x0 = to_model_range(images[sl])
             t = torch.randint(lo, hi, (len(x0),), generator=g)
             eps = torch.randn(x0.shape, generator=g)
-            x0, t, eps = x0.to(device), t.to(device), eps.to(device)
-            x_t, y = scheduler.add_noise(x0, eps, t), labels[sl].to(device)
-            wanted = eps if target == "eps" else x0
-            if reference == "null":   # one batched call: [labels, null]
-                pred_y, pred_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                          torch.cat([y, torch.full_like(y, null_label)])).chunk(2)
-                loss = per_sample_mse(pred_y, wanted) / per_sample_mse(pred_null, wanted).clamp(min=1e-12)
+            x0, t, eps, y = x0.to(device), t.to(device), eps.to(device), labels[sl].to(device)
+            if reference == "null":   # one batched call on [y, null]: l(y) / l(null) on the same x_t
+                loss_y, loss_null = denoising_loss(model, scheduler, torch.cat([x0, x0]),
+                                                   torch.cat([y, torch.full_like(y, null_label)]),
+                                                   torch.cat([t, t]), torch.cat([eps, eps]), target).chunk(2)
+                loss = loss_y / loss_null.clamp(min=1e-12)
             else:
-                loss = per_sample_mse(model(x_t, t, y), wanted)
+                loss = denoising_loss(model, scheduler, x0, y, t, eps, target)
             losses[sl, m] = loss.cpu()
             ts[sl, m] = t.cpu()
             bar.update()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .groups import group_risks
 from .checkpoint import CheckpointError, fingerprint, load_checkpoint, load_state_into, load_tensors
 from .unet import UNet, UNetConfig, count_parameters
 
@@ -107,10 +108,9 @@ def invariant_loss(losses: torch.Tensor, weights: torch.Tensor, lam: float) -> t
     if losses.ndim != 1 or weights.ndim != 2 or weights.shape[0] != losses.shape[0]:
         raise ValueError(f"need losses (B,) and weights (B, G), got {tuple(losses.shape)} and {tuple(weights.shape)}")
     losses, weights = losses.float(), weights.float()
-    mass = weights.sum(0)                                          # (G,)
-    present = mass > 1e-8
-    risks = (weights[:, present] * losses[:, None]).sum(0) / mass[present]   # R_g, (G_present,)
-    variance = ((risks - risks.mean()) ** 2).mean()
+    present = weights.sum(0) > 1e-8                                # groups with samples in this batch, (G,)
+    risks = group_risks(weights[:, present], losses)               # R_g, (G_present,)
+    variance = ((risks - risks.mean()) ** 2).mean()                # deviation: population variance (official: N-1)
     return risks.mean() + lam * variance, risks
 
 

@@ -146,8 +146,17 @@ class _NoiseSchedule(nn.Module):
         """(B,) -> (B, 1, 1, 1) so it broadcasts over a (B, C, H, W) batch."""
         return coef.reshape(-1, *([1] * (like.ndim - 1)))
 
+    def q_sample(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (Ho et al., eq. 4), in float32; x0, noise (B, ...), t (B,)
+        long on the schedule's device. Unchecked, for the training loops whose t comes from [0, T); callers
+        from outside use `add_noise`."""
+        x0_, eps = x0.float(), noise.float()
+        x_t = (self._per_sample(self.sqrt_alphas_cumprod[t], x0_) * x0_
+               + self._per_sample(self.sqrt_one_minus_alphas_cumprod[t], x0_) * eps)
+        return x_t.to(x0.dtype)
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """q_sample: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, computed in float32."""
+        """`q_sample` after checking every input (diffusers' name and signature)."""
         _check_sample(original_samples, "original_samples")
         _check_sample(noise, "noise")
         if original_samples.shape != noise.shape:
@@ -162,17 +171,7 @@ class _NoiseSchedule(nn.Module):
         if original_samples.device != t.device or noise.device != t.device:
             raise ValueError(f"samples on {original_samples.device} and noise on {noise.device}, but the schedule "
                              f"is on {t.device}; move it with scheduler.to(device)")
-        x0, eps = original_samples.float(), noise.float()
-        x_t = (self._per_sample(self.sqrt_alphas_cumprod[t], x0) * x0
-               + self._per_sample(self.sqrt_one_minus_alphas_cumprod[t], x0) * eps)
-        return x_t.to(original_samples.dtype)
-
-    q_sample = add_noise
-
-    @staticmethod
-    def training_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The epsilon-prediction target: the network learns eps_theta(x_t, t) ~ eps."""
-        return noise
+        return self.q_sample(original_samples, noise, t)
 
     def predict_x0(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
         """x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), clipped when `clip_sample`."""

@@ -1,3 +1,4 @@
+import runpy
 import sys
 from pathlib import Path
 
@@ -5,7 +6,22 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # train.py and sample.py are importable as modules
+
+
+def run_script(name: str, argv: list[str]) -> int:
+    """Run train.py or sample.py in this process exactly as `python NAME ARGV...` would (runpy: the scripts are
+    never imported). Returns 0 on success; a refused command raises its SystemExit('error: ...')."""
+    saved = sys.argv
+    sys.argv = [name, *map(str, argv)]
+    try:
+        runpy.run_path(str(ROOT / name), run_name="__main__")
+    except SystemExit as e:
+        if e.code in (0, None):
+            return 0
+        raise
+    finally:
+        sys.argv = saved
+    return 0
 
 
 @pytest.fixture(autouse=True)

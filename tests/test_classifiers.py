@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from invdiff_min.classifiers import load_or_train, train_classifier
-from invdiff_min.data import DataConfig, make_dataset
+from invdiff_min.data import DataConfig, load_splits, make_dataset
 from invdiff_min.evaluate import make_judge
 
 
@@ -34,11 +34,11 @@ def test_cmnist_judge_reads_colour_exactly_and_the_digit_by_a_classifier(tmp_pat
     cfg = DataConfig(name="cmnist", num_samples=None, eval_per_group=None)
     train = make_dataset(cfg, "train")
     assert train.num_classes == 2 and train.class_names == ("0", "1") and len(train) == 800
-    judge = make_judge(cfg, tmp_path, steps=60)
+    judge = make_judge(load_splits(cfg), tmp_path, steps=60)
     ev = make_dataset(cfg, "eval")
     result = judge(ev.images, ev.labels)
     assert result["bias"] == 0.0 and result["minority_share"] == [0.5, 0.5]   # balanced split, exact colours
-    assert result["fidelity"] >= 0.9 and "exact colour reader" in judge.how["attribute"]
+    assert result["fidelity"] >= 0.9 and "exact reader of cmnist" in judge.how["attribute"]
 
 
 def test_judge_measures_quality_against_the_balanced_real_set(tmp_path):
@@ -47,8 +47,8 @@ def test_judge_measures_quality_against_the_balanced_real_set(tmp_path):
     is farther away (its (class, background) cells are 95 : 5 instead of even), and attribute shares are per
     class. The exact rules still judge; the CNNs' accuracies are reported next to them."""
     cfg = DataConfig(eval_per_group=100)
-    judge = make_judge(cfg, tmp_path, steps=300)
-    assert "exact rule" in judge.how["class"] and "accuracy" in judge.how["class_cnn"]
+    judge = make_judge(load_splits(cfg), tmp_path, steps=300)
+    assert "exact reader of shapes" in judge.how["class"] and "accuracy" in judge.how["class_cnn"]
     assert judge.class_names == ["disc", "square"] and "reference" in judge.how["quality"]
     ev, train = make_dataset(cfg, "eval"), make_dataset(cfg, "train")
     same = judge(ev.images, ev.labels)
@@ -60,4 +60,4 @@ def test_judge_measures_quality_against_the_balanced_real_set(tmp_path):
         shares = torch.tensor(result["attribute_share"])                 # [class][attribute], rows sum to 1
         assert shares.shape == (2, 2) and torch.allclose(shares.sum(1), torch.ones(2))
         assert torch.allclose(shares[:, 1 - torch.arange(2)].diagonal(), torch.tensor(result["minority_share"]))
-    assert make_judge(cfg).features is None                              # no folder: exact rules only
+    assert make_judge(load_splits(cfg)).features is None                              # no folder: exact rules only

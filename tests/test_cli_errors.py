@@ -6,15 +6,17 @@ import shutil
 import pytest
 import torch
 
-import sample
-import train
-from invdiff_min.checkpoint import list_checkpoints, load_tensors, save_tensors
+from conftest import run_script
+from invdiff_min import pipeline
+from invdiff_min.checkpoint import list_checkpoints, load_tensors, load_unet, save_tensors
+from invdiff_min.config import RunConfig
+from invdiff_min.data import load_splits
 
 
-def fails_with(main, argv, *messages):
-    """main(argv) must exit with a one-line 'error: ...' naming every message."""
+def fails_with(script, argv, *messages):
+    """`python script argv` must exit with a one-line 'error: ...' naming every message."""
     with pytest.raises(SystemExit) as exit_:
-        main(argv)
+        run_script(script, argv)
     text = exit_.value.code
     assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text, text
     for m in messages:
@@ -26,7 +28,7 @@ def fails_with(main, argv, *messages):
 def run(tmp_path_factory):
     """A finished tiny run: base, losses, groups, invdiff head, summary."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    assert train.main(["--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    assert run_script("train.py", ["--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -38,8 +40,8 @@ def copy_run(run, tmp_path, name="copy"):
 
 def test_existing_run_folder_is_never_overwritten_and_resume_needs_the_same_config(run, tmp_path):
     before = (run / "config.json").read_text()
-    fails_with(train.main, ["--preset", "tiny", "--out", str(run)], "already exists", "--resume", "--overwrite")
-    fails_with(train.main, ["--preset", "tiny", "--out", str(run), "--resume", "--steps", "7"],
+    fails_with("train.py", ["--preset", "tiny", "--out", str(run)], "already exists", "--resume", "--overwrite")
+    fails_with("train.py", ["--preset", "tiny", "--out", str(run), "--resume", "--steps", "7"],
                "different config", "--out NEW_FOLDER")
     assert (run / "config.json").read_text() == before
 
@@ -50,7 +52,7 @@ def test_existing_run_folder_is_never_overwritten_and_resume_needs_the_same_conf
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], ["--device"]),
 ])
 def test_train_refuses_unknown_names(argv, messages, tmp_path):
-    fails_with(train.main, [*argv, "--out", str(tmp_path / "x")], *messages)
+    fails_with("train.py", [*argv, "--out", str(tmp_path / "x")], *messages)
     assert not (tmp_path / "x").exists()
 
 
@@ -58,14 +60,14 @@ def test_a_base_checkpoint_with_a_missing_file_is_named(run, tmp_path):
     broken = copy_run(run, tmp_path)
     ckpt = list_checkpoints(broken / "base")[-1]
     (ckpt / "ema.safetensors").unlink()
-    fails_with(sample.main, ["--ckpt", str(broken), "--out", str(tmp_path / "s")], "ema.safetensors")
+    fails_with("sample.py", ["--ckpt", str(broken), "--out", str(tmp_path / "s")], "ema.safetensors")
 
 
 def test_a_head_trained_on_another_base_is_refused(run, tmp_path):
     other = tmp_path / "other"
-    assert train.main(["--preset", "tiny", "--out", str(other), "--stage", "base", "--seed", "5",
+    assert run_script("train.py", ["--preset", "tiny", "--out", str(other), "--stage", "base", "--seed", "5",
                        "--no-progress"]) == 0
-    fails_with(train.main, ["--preset", "tiny", "--out", str(copy_run(run, tmp_path)), "--resume", "--stage", "eval",
+    fails_with("train.py", ["--preset", "tiny", "--out", str(copy_run(run, tmp_path)), "--resume", "--stage", "eval",
                             "--base", str(other / "base")], "different base model")
 
 
@@ -74,7 +76,7 @@ def test_group_weights_of_other_samples_are_refused(run, tmp_path):
     shutil.rmtree(mixed / "invdiff")
     saved = load_tensors(mixed / "groups.safetensors")
     save_tensors(mixed / "groups.safetensors", {"weights": saved["weights"], "index": saved["index"].flip(0)})
-    fails_with(train.main, ["--preset", "tiny", "--out", str(mixed), "--resume", "--stage", "head"],
+    fails_with("train.py", ["--preset", "tiny", "--out", str(mixed), "--resume", "--stage", "head"],
                "do not match the dataset", "--stage groups")
 
 
@@ -90,36 +92,37 @@ def test_group_weights_of_other_samples_are_refused(run, tmp_path):
     (["--head", "oracle"], "no trained head 'oracle'"),
 ])
 def test_sample_refuses_out_of_range_numbers(run, tmp_path, flags, message):
-    fails_with(sample.main, ["--ckpt", str(run), "--out", str(tmp_path / "s"), *flags], message)
+    fails_with("sample.py", ["--ckpt", str(run), "--out", str(tmp_path / "s"), *flags], message)
 
 
 def test_a_non_finite_loss_stops_training_keeps_the_last_good_checkpoint_and_resumes_at_a_lower_rate(
         tmp_path, monkeypatch):
-    real = train.training_loss
+    real = pipeline.training_loss
     calls = []
 
     def nan_at_step_16(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 17 else loss
-    monkeypatch.setattr(train, "training_loss", nan_at_step_16)
+    monkeypatch.setattr(pipeline, "training_loss", nan_at_step_16)
     out = tmp_path / "run"
     argv = ["--preset", "tiny", "--out", str(out), "--stage", "base", "--no-progress"]
-    fails_with(train.main, argv, "non-finite loss nan at base step 16", "--resume --lr 0.0005")
+    fails_with("train.py", argv, "non-finite loss nan at base step 16", "--resume --lr 0.0005")
     assert [p.name for p in list_checkpoints(out / "base")] == ["ckpt-0000015"]
     monkeypatch.undo()
-    assert train.main([*argv, "--resume", "--lr", "0.0005"]) == 0
+    assert run_script("train.py", [*argv, "--resume", "--lr", "0.0005"]) == 0
     assert list_checkpoints(out / "base")[-1].name == "ckpt-0000030"
     assert json.loads((out / "config.json").read_text())["config"]["train"]["lr"] == 0.0005
 
 
 def test_head_training_killed_during_a_checkpoint_write_resumes_to_the_same_weights(run, tmp_path):
-    cfg = train.RunConfig.from_dict(json.loads((run / "config.json").read_text())["config"])
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text())["config"])
     cfg.head.steps, cfg.head.checkpoint_every = 9, 3
-    base = train.resolve_checkpoint(run, "base")
-    weights = train.head_weights(cfg, run, "invdiff")
+    data = load_splits(cfg.data).train
+    base, _, _ = load_unet(run)
+    weights = pipeline.group_assignments("invdiff", data, pipeline.load_groups(run))
     cpu = torch.device("cpu")
-    full = train.train_head(cfg, run, "h_full", weights, base, cpu, progress=False)
+    _, full = pipeline.train_head(cfg, data, base, weights, cpu, run / "h_full", progress=False)
     writes = []
 
     def crash(name):
@@ -127,9 +130,9 @@ def test_head_training_killed_during_a_checkpoint_write_resumes_to_the_same_weig
         if len(writes) == 4 + 2:                   # head checkpoints hold 4 files: die inside the second one
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train.train_head(cfg, run, "h_cut", weights, base, cpu, progress=False, fault_hook=crash)
+        pipeline.train_head(cfg, data, base, weights, cpu, run / "h_cut", progress=False, fault_hook=crash)
     assert [p.name for p in list_checkpoints(run / "h_cut")] == ["ckpt-0000003"]
-    resumed = train.train_head(cfg, run, "h_cut", weights, base, cpu, progress=False)
+    _, resumed = pipeline.train_head(cfg, data, base, weights, cpu, run / "h_cut", progress=False)
     for name in ("head", "head_ema", "optimizer", "history"):
         a, b = load_tensors(full / f"{name}.safetensors"), load_tensors(resumed / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -138,13 +141,13 @@ def test_head_training_killed_during_a_checkpoint_write_resumes_to_the_same_weig
 def test_same_seed_gives_bit_identical_checkpoints_and_samples_and_the_run_records_its_provenance(run, tmp_path):
     again = tmp_path / "again"
     argv = ["--preset", "tiny", "--out", str(again), "--stage", "base", "--no-progress"]
-    assert train.main(argv) == 0
+    assert run_script("train.py", argv) == 0
     a, b = list_checkpoints(run / "base")[-1], list_checkpoints(again / "base")[-1]
     for name in ("model", "ema", "optimizer"):
         x, y = load_tensors(a / f"{name}.safetensors"), load_tensors(b / f"{name}.safetensors")
         assert all(torch.equal(x[k], y[k]) for k in x), name
     for out in ("s1", "s2"):
-        assert sample.main(["--ckpt", str(run), "--out", str(tmp_path / out), "--steps", "3",
+        assert run_script("sample.py", ["--ckpt", str(run), "--out", str(tmp_path / out), "--steps", "3",
                             "--n-per-class", "2"]) == 0
     s1, s2 = (load_tensors(tmp_path / o / "samples.safetensors")["images"] for o in ("s1", "s2"))
     assert torch.equal(s1, s2)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import train
+from conftest import run_script
 from invdiff_min.amp import autocast, grad_scaler, optimizer_step
 from invdiff_min.config import get_preset
 from invdiff_min.unet import UNet
@@ -40,5 +40,5 @@ def test_one_training_step_in_each_precision_is_finite_and_moves_the_weights(pre
 def test_whole_tiny_pipeline_on_cuda_with_label_dropout(tmp_path):
     argv = ["--preset", "tiny", "--device", "cuda", "--out", str(tmp_path / "run"), "--no-progress",
             "--channels-last"]
-    assert train.main(argv) == 0
+    assert run_script("train.py", argv) == 0
     assert (tmp_path / "run" / "summary.json").is_file()

@@ -1,4 +1,4 @@
-"""Loaders for real datasets on disk (invdiff_min/datasets.py), on tiny fixture folders written in each dataset's
+"""Loaders for real datasets on disk (invdiff_min/data/), on tiny fixture folders written in each dataset's
 official layout. Every fixture image is a solid colour that encodes its metadata row, so a test can check that
 each loaded image sits next to its own labels and index."""
 import csv
@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from invdiff_min import datasets as ds
-from invdiff_min.data import BiasedDataset
-from invdiff_min.datasets import (DatasetFormatError, DatasetLayoutError, DatasetWarning, load_celeba, load_cmnist,
-                                  load_dataset, load_fairface, load_folder, load_waterbirds, read_digit_colour)
+from invdiff_min.data import (BiasedDataset, DatasetFormatError, DatasetLayoutError, DatasetWarning, load_celeba,
+                              load_cmnist, load_dataset, load_fairface, load_folder, load_waterbirds,
+                              read_digit_colour)
+from invdiff_min.data import cmnist as cmnist_data
+from invdiff_min.data import fairface as fairface_data
+from invdiff_min.data import images as image_data
 
 torch.set_num_threads(1)
 
@@ -91,12 +93,12 @@ def make_fairface(root, train_per_cell=3, val_per_cell=1):
     i, truth = 0, []
     for split, per in (("train", train_per_cell), ("val", val_per_cell)):
         rows = []
-        for gender in ds.FAIRFACE_GENDERS:
-            for race in ds.FAIRFACE_RACES:
+        for gender in fairface_data.FAIRFACE_GENDERS:
+            for race in fairface_data.FAIRFACE_RACES:
                 for _ in range(per):
                     name = f"{split}/{len(rows) + 1}.jpg"
                     write_image(root / name, i)
-                    rows.append([name, ds.FAIRFACE_AGES[i % 9], gender, race, "True" if i % 2 else "False"])
+                    rows.append([name, fairface_data.FAIRFACE_AGES[i % 9], gender, race, "True" if i % 2 else "False"])
                     truth.append((gender, race))
                     i += 1
         with open(root / f"fairface_label_{split}.csv", "w", newline="") as f:
@@ -242,15 +244,15 @@ def test_fairface_gender_by_race_in_both_race_groupings_and_the_paper_split(fair
     root, truth = fairface
     train, ev = load_fairface(root, cache=False)
     check_images(train, 32)
-    gender = torch.tensor([ds.FAIRFACE_GENDERS.index(g) for g, _ in truth])
-    race = torch.tensor([ds.FAIRFACE_RACES.index(r) for _, r in truth])
+    gender = torch.tensor([fairface_data.FAIRFACE_GENDERS.index(g) for g, _ in truth])
+    race = torch.tensor([fairface_data.FAIRFACE_RACES.index(r) for _, r in truth])
     assert torch.equal(train.labels, gender[train.index]) and torch.equal(train.bias, race[train.index])
     assert (train.num_classes, train.num_attributes) == (2, 7) and len(train) == 2 * 7 * 3
-    assert train.class_names == ("Female", "Male") and train.attribute_names == ds.FAIRFACE_RACES
+    assert train.class_names == ("Female", "Male") and train.attribute_names == fairface_data.FAIRFACE_RACES
     assert torch.bincount(ev.group).tolist() == [1] * 14 and (ev.index >= len(train)).all()   # from the val csv
     # the official InvDiff 4-class grouping and the paper's 3:2:1:1:1:1:2:3 split over (gender, race4)
     train4, ev4 = load_fairface(root, race_classes="invdiff4", group_sizes="3:2:1:1:1:1:2:3", cache=False)
-    race4 = torch.tensor([ds.INVDIFF_RACE4[r] for _, r in truth])
+    race4 = torch.tensor([fairface_data.INVDIFF_RACE4[r] for _, r in truth])
     assert torch.equal(train4.bias, race4[train4.index]) and train4.num_attributes == 4
     assert torch.bincount(train4.group).tolist() == [3, 2, 1, 1, 1, 1, 2, 3]
     assert torch.bincount(ev4.group).tolist() == [1] * 8
@@ -393,7 +395,7 @@ def test_unreadable_images_are_skipped_with_a_count_and_replaced_within_their_ce
 def test_second_load_reads_the_cache_and_decodes_no_image(tmp_path, monkeypatch):
     make_waterbirds(tmp_path)
     first = load_waterbirds(tmp_path, aligned_fraction=0.75)
-    cache = tmp_path / ds.CACHE_DIRNAME
+    cache = tmp_path / image_data.CACHE_DIRNAME
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
     key = json.loads((cache / files[0]).read_text())["key"]
@@ -418,7 +420,7 @@ def test_second_load_reads_the_cache_and_decodes_no_image(tmp_path, monkeypatch)
         assert torch.equal(load_waterbirds(tmp_path, resolution=16)[0].images, small.images)
     meta = tmp_path / "metadata.csv"                                    # edited metadata: the key changes
     meta.write_text("\n".join(meta.read_text().splitlines()[:-1]) + "\n")
-    monkeypatch.setattr(ds, "_decode", no_decoding)
+    monkeypatch.setattr(image_data, "_decode", no_decoding)
     with pytest.raises(AssertionError):
         load_waterbirds(tmp_path, aligned_fraction=0.75)
 
@@ -428,10 +430,10 @@ def test_unwritable_root_falls_back_to_no_cache_with_a_warning(tmp_path, monkeyp
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(ds, "save_tensors", read_only)
+    monkeypatch.setattr(image_data, "save_tensors", read_only)
     with pytest.warns(DatasetWarning, match="cannot write the cache in .*Permission denied.*without a cache"):
         train, _ = load_fairface(root, num_samples=10)
-    assert len(train) == 10 and train.info["cache"] is None and not (root / ds.CACHE_DIRNAME).exists()
+    assert len(train) == 10 and train.info["cache"] is None and not (root / image_data.CACHE_DIRNAME).exists()
     monkeypatch.undo()
     elsewhere = tmp_path / "cache"
     load_fairface(root, num_samples=10, cache=elsewhere)                # cache=PATH keeps it elsewhere
@@ -476,7 +478,7 @@ def test_cmnist_colours_real_digits_at_the_aligned_ratio_and_the_reader_is_exact
     assert torch.bincount(train.group).tolist() == [380, 20, 20, 380]
     assert torch.bincount(ev.group).tolist() == [50] * 4
     assert not set(train.index.tolist()) & set(ev.index.tolist())               # eval digits never trained on
-    _, digit = ds._read_mnist_5k(str(ds._mnist_5k_path()))
+    _, digit = cmnist_data._read_mnist_5k(str(cmnist_data._mnist_5k_path()))
     assert torch.equal(digit[train.index], train.labels) and torch.equal(digit[ev.index], ev.labels)
 
 

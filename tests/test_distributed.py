@@ -22,9 +22,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import train
-from invdiff_min.checkpoint import fingerprint, list_checkpoints, load_tensors
+from invdiff_min import pipeline
+from invdiff_min.checkpoint import fingerprint, list_checkpoints, load_tensors, load_unet
 from invdiff_min.config import get_preset
+from invdiff_min.data import make_dataset
 from invdiff_min.guidance import InvariantGuidance
 from invdiff_min.unet import UNet
 
@@ -61,7 +62,7 @@ def test_torchrun_two_ranks_hold_identical_weights_equal_to_rank0_checkpoint_and
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("[base] UNet with") == 1 and r.stdout.count("done in") == 1    # rank 0 alone prints
 
-    # every rank's fingerprints of (weights, EMA) at the end of each stage, as train.check_replicas prints them
+    # every rank's fingerprints of (weights, EMA) at the end of each stage, as distributed.check_replicas prints them
     found = dict(re.findall(r"\[(\w+)\] the 2 processes hold identical weights: fingerprints per rank (\[.*\])",
                             r.stdout))
     assert set(found) == {"base", "invdiff"}, r.stdout[-3000:]
@@ -77,13 +78,14 @@ def test_torchrun_two_ranks_hold_identical_weights_equal_to_rank0_checkpoint_and
     cfg.train.steps = 4
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                  # as in the workers, so the CPU kernels sum in the same order
+    data = make_dataset(cfg.data)
     try:
-        single_base = train.train_base(cfg, tmp_path / "single", CPU, progress=False)
-        single_losses = train.compute_losses(cfg, tmp_path / "single", base_ckpt, CPU, progress=False)
-        train.infer_groups(cfg, tmp_path / "single")
-        single_head = train.train_head(cfg, tmp_path / "single", "invdiff",
-                                       train.head_weights(cfg, tmp_path / "single", "invdiff"), base_ckpt, CPU,
-                                       progress=False)
+        _, single_base = pipeline.train_base(cfg, data, CPU, tmp_path / "single" / "base", progress=False)
+        base = load_unet(base_ckpt)[0]                    # the two-rank run's base, as its later stages saw it
+        single_losses = pipeline.compute_losses(cfg, data, base, CPU, progress=False)
+        single_groups = pipeline.infer_groups(cfg, data, single_losses)
+        _, single_head = pipeline.train_head(cfg, data, base, single_groups.assignments, CPU,
+                                             tmp_path / "single" / "invdiff", progress=False)
     finally:
         torch.set_num_threads(threads)
     # the loss of each global batch (history: the mean over both ranks' halves) is one process's, to float32
@@ -91,12 +93,11 @@ def test_torchrun_two_ranks_hold_identical_weights_equal_to_rank0_checkpoint_and
     two, one = (load_tensors(c / "history.safetensors")["loss"] for c in (base_ckpt, single_base))
     assert torch.allclose(two, one, rtol=1e-5, atol=0), (two, one)
     # the per-sample losses, computed batch by batch on both ranks and gathered, equal one process's exactly
-    a, b = load_tensors(out / "losses.safetensors"), load_tensors(single_losses)
-    assert torch.equal(a["index"], b["index"]) and torch.equal(a["loss"], b["loss"])
+    a = load_tensors(out / "losses.safetensors")
+    assert torch.equal(a["index"], single_losses.index) and torch.equal(a["loss"], single_losses.loss)
     # so do the groups, and the head's L_e over each global batch (gathered from both ranks; 20 steps on the same
     # base and groups) is one process's to float32 rounding (measured: 1.2e-7 relative)
-    assert torch.equal(load_tensors(out / "groups.safetensors")["weights"],
-                       load_tensors(tmp_path / "single" / "groups.safetensors")["weights"])
+    assert torch.equal(load_tensors(out / "groups.safetensors")["weights"], single_groups.assignments)
     two, one = (load_tensors(c / "history.safetensors")["loss"] for c in (head_ckpt, single_head))
     assert len(two) == 20 and torch.allclose(two, one, rtol=1e-5, atol=0), (two, one)
 
@@ -115,14 +116,16 @@ def one_step_config():
 
 
 def one_step(run_dir: Path, base_ckpt: Path | None) -> Path:
-    """train.py's own stage functions for one step (base, or head on `base_ckpt`); AdamW replaced by SGD."""
+    """The pipeline's own stage functions for one step (base, or head on `base_ckpt`); AdamW replaced by SGD."""
     cfg, adamw = one_step_config(), torch.optim.AdamW
+    data = make_dataset(cfg.data)
     torch.optim.AdamW = sgd
     try:
         if base_ckpt is None:
-            return train.train_base(cfg, run_dir, CPU, progress=False)
-        weights = train.head_weights(cfg, run_dir, "oracle")        # (N, 4): the hidden (class, attribute) cells
-        return train.train_head(cfg, run_dir, "oracle", weights, base_ckpt, CPU, progress=False)
+            return pipeline.train_base(cfg, data, CPU, run_dir / "base", progress=False)[1]
+        weights = pipeline.group_assignments("oracle", data)         # (N, 4): the hidden (class, attribute) cells
+        return pipeline.train_head(cfg, data, load_unet(base_ckpt)[0], weights, CPU, run_dir / "oracle",
+                                   progress=False)[1]
     finally:
         torch.optim.AdamW = adamw
 

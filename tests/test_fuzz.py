@@ -1,4 +1,4 @@
-"""Fuzzing the public entry points (UNet, schedulers, metrics) with random shapes, dtypes, labels and timesteps.
+"""Fuzzing the public entry points (the UNet's boundary check, schedulers, metrics) with random shapes, dtypes, labels and timesteps.
 
 The property, for every call: an input with no problem gives a finite result of the right shape; an input
 with a problem raises a ValueError from our own guard rails (never a traceback from deep inside torch) whose
@@ -20,6 +20,7 @@ from invdiff_min.metrics import (auroc, bias_score, fairness_discrepancy, fideli
                                  normalized_mutual_info)
 from invdiff_min.scheduler import DDIMScheduler, DDPMScheduler
 from invdiff_min.unet import UNet, UNetConfig
+from invdiff_min.validate import checked_unet_call
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
@@ -160,7 +161,7 @@ def test_unet_fuzz_works_or_names_the_problem(call):
 
     def run():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            return model(x, t, y, cond_emb=cond_emb)
+            return checked_unet_call(model, x, t, y, cond_emb)
 
     out = works_or_refuses(run, problems)
     if out is not None:

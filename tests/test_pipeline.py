@@ -9,9 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import train
+from conftest import run_script
+from invdiff_min import pipeline
 from invdiff_min.checkpoint import list_checkpoints, load_tensors
 from invdiff_min.config import get_preset
+from invdiff_min.data import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +30,8 @@ def test_base_training_resumes_bit_identically_after_a_crash_during_a_checkpoint
     cfg = get_preset("tiny")
     cfg.train.steps, cfg.train.checkpoint_every = 12, 4
     cpu = torch.device("cpu")
-    full = train.train_base(cfg, tmp_path / "full", cpu, progress=False)
+    data = make_dataset(cfg.data)
+    _, full = pipeline.train_base(cfg, data, cpu, tmp_path / "full" / "base", progress=False)
 
     writes = []
 
@@ -38,12 +41,12 @@ def test_base_training_resumes_bit_identically_after_a_crash_during_a_checkpoint
             raise Crash()
 
     with pytest.raises(Crash):
-        train.train_base(cfg, tmp_path / "cut", cpu, progress=False,
-                         fault_hook=crash_in_second_file_of_third_checkpoint)
+        pipeline.train_base(cfg, data, cpu, tmp_path / "cut" / "base", progress=False,
+                            fault_hook=crash_in_second_file_of_third_checkpoint)
     left = list_checkpoints(tmp_path / "cut" / "base")
     assert [p.name for p in left] == ["ckpt-0000004", "ckpt-0000008"]          # no half-written ckpt-12
     assert not list((tmp_path / "cut" / "base").glob(".tmp-*"))
-    resumed = train.train_base(cfg, tmp_path / "cut", cpu, progress=False)
+    _, resumed = pipeline.train_base(cfg, data, cpu, tmp_path / "cut" / "base", progress=False)
     for name in ("model", "ema", "optimizer", "history"):
         a, b = load_tensors(full / f"{name}.safetensors"), load_tensors(resumed / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -120,11 +123,11 @@ def test_init_from_converted_weights_starts_exactly_at_the_pretrained_model(tmp_
     assert r.returncode == 0, r.stderr[-2000:]
 
     cfg = get_preset("tiny")
-    train.apply_init_from(cfg, str(tmp_path / "converted"))
+    pipeline.apply_init_from(cfg, str(tmp_path / "converted"))
     assert cfg.unet.num_classes == 2 and cfg.unet.block_out_channels == (16, 32) and cfg.data.resolution == 16
     from invdiff_min.unet import UNet
     model = UNet(cfg.unet)
-    train.init_from_converted(model, str(tmp_path / "converted"))
+    pipeline.init_from_converted(model, str(tmp_path / "converted"))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
     with torch.no_grad():
         expected = ref(x, t).sample
@@ -191,7 +194,7 @@ def test_whole_pipeline_on_a_real_dataset_folder_with_three_classes(tmp_path):
 ])
 def test_bad_dataset_arguments_give_one_line_errors(args, message, tmp_path):
     with pytest.raises(SystemExit) as exit_:                  # main() exits with the message: status 1, no traceback
-        train.main(["--preset", "tiny", *args, "--out", str(tmp_path / "x")])
+        run_script("train.py", ["--preset", "tiny", *args, "--out", str(tmp_path / "x")])
     assert isinstance(exit_.value.code, str) and exit_.value.code.startswith("error: ")
     assert message in exit_.value.code and "\n" not in exit_.value.code
     assert not (tmp_path / "x").exists()                      # nothing written for a refused command

@@ -60,7 +60,6 @@ def test_add_noise_matches_closed_form_and_diffusers(schedule, b0, b1):
     # diffusers forms 1 - abar_t in float32 (we store sqrt(1 - abar_t) from float64): at small t that costs it
     # up to ~1e-5, so diffusers is held to 2e-5 here while the float64 closed form above holds to 1e-6.
     assert close(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), tol=2e-5)
-    assert torch.equal(ours.training_target(x0, eps), eps)
 
 
 @pytest.mark.parametrize("n", [1, 3, 7, 10, 50, 333, 1000])

@@ -56,31 +56,40 @@ def test_timestep_embedding_layout():
     assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))           # [cos, sin]
 
 
-def test_unet_guard_rails_name_the_problem():
+def test_unet_boundary_check_names_the_problem_and_forward_keeps_shape_asserts():
+    """validate.checked_unet_call (what the library's entry points run) names each problem; UNet.forward itself
+    only asserts shapes, with no host sync."""
+    from invdiff_min.validate import checked_unet_call
+
     ours, _ = pair()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     with pytest.raises(ValueError, match="divisible by 4"):
-        ours(torch.randn(2, 3, 18, 18), t)
+        checked_unet_call(ours, torch.randn(2, 3, 18, 18), t)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        ours(torch.randn(2, 1, 16, 16), t)
+        checked_unet_call(ours, torch.randn(2, 1, 16, 16), t)
     with pytest.raises(ValueError, match="label out of range"):
-        ours(x, t, torch.tensor([0, 3]))
+        checked_unet_call(ours, x, t, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="one timestep per sample"):
-        ours(x, torch.tensor([1, 2, 3]))
+        checked_unet_call(ours, x, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="floating-point"):
-        ours(x.long(), t)
+        checked_unet_call(ours, x.long(), t)
     with pytest.raises(ValueError, match="attention_levels"):
         UNetConfig(block_out_channels=(32, 64), attention_levels=(False,))
     with pytest.raises(ValueError, match="norm_num_groups"):
         UNetConfig(block_out_channels=(30, 64), attention_levels=(False, False))
     uncond, _ = pair(num_classes=None)
     with pytest.raises(ValueError, match="unconditional"):
-        uncond(x, t, torch.tensor([0, 1]))
+        checked_unet_call(uncond, x, t, torch.tensor([0, 1]))
+    with pytest.raises(AssertionError, match="one timestep per sample"):
+        ours(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(AssertionError, match=r"\(B, 3, H, W\)"):
+        ours(torch.randn(2, 1, 16, 16), t)
 
 
-def test_cpu_upsampler_is_nearest_x2_then_conv_as_one_transposed_conv():
-    """Upsample2D computes conv3x3(nearest_x2(x)) on the CPU as one stride-2 transposed conv with folded 4x4
-    taps (faster, same function): equal in float64 to rounding, values and gradients, odd sizes included."""
+def test_fused_upsampler_is_nearest_x2_then_conv_as_one_transposed_conv():
+    """Upsample2D computes conv3x3(nearest_x2(x)) as one stride-2 transposed conv with folded 4x4 taps
+    (fused.py; faster, same function): equal in float64 to rounding, values and gradients, odd sizes included,
+    and `fused=False` runs the plain two ops."""
     import torch.nn.functional as F
 
     from invdiff_min.unet import Upsample2D
@@ -90,6 +99,9 @@ def test_cpu_upsampler_is_nearest_x2_then_conv_as_one_transposed_conv():
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
     fast = up(x)
     plain = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    up.fused = False
+    assert torch.equal(up(x), plain)
+    up.fused = True
     assert fast.shape == plain.shape == (2, 6, 10, 14)
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
     g = torch.randn_like(fast)

@@ -43,7 +43,7 @@ SETUP = code("""
         if ROOT == ROOT.parent:
             raise RuntimeError("start Jupyter inside the invdiff-min checkout (tutorials/ or its root)")
         ROOT = ROOT.parent
-    sys.path.insert(0, str(ROOT))                   # invdiff_min and train.py import from the checkout
+    sys.path.insert(0, str(ROOT))                   # invdiff_min imports from the checkout
     FAST = os.environ.get("INVDIFF_FAST") == "1"    # the tests' fast mode: tiny settings, ugly pictures
     print(f"fast mode: {FAST}")
 """)
@@ -64,8 +64,9 @@ SHARED_RUN = code("""
 
     import torch
 
-    import train                                    # the pipeline's stage functions (train.py)
-    from invdiff_min.config import get_preset
+    from invdiff_min import pipeline                # the stage functions train.py runs
+    from invdiff_min.config import get_preset, pick_device
+    from invdiff_min.data import load_splits
     from invdiff_min.unet import UNetConfig
 
 
@@ -91,14 +92,21 @@ SHARED_RUN = code("""
     def run_folder(cfg) -> Path:
         \"\"\"Where the tutorials keep this run: the temp folder, keyed by the config and the library's code.\"\"\"
         key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-        for source in sorted([*(ROOT / "invdiff_min").glob("*.py"), ROOT / "train.py"]):
+        for source in sorted((ROOT / "invdiff_min").rglob("*.py")):
             key.update(source.read_bytes())
         return Path(tempfile.gettempdir()) / "invdiff-tutorials" / key.hexdigest()[:12]
 
 
+    def base_model():
+        \"\"\"Tutorial 2's base model (stage A): trained into the run folder once, read from it afterwards.
+        Returns (the EMA model, its checkpoint folder).\"\"\"
+        return pipeline.train_base(cfg, splits.train, device, run_dir / "base", progress=False)
+
+
     cfg = tutorial_config()
     run_dir = run_folder(cfg)
-    device = train.pick_device("auto")
+    splits = load_splits(cfg.data)                  # the data, built once: splits.train, splits.eval
+    device = pick_device("auto")
     print(f"run folder {run_dir} (shared by tutorials 2-6), device {device}")
 """)
 
@@ -421,7 +429,7 @@ NB2 = [
           f"E||eps||^2 / D = 1)")
     """),
     md(r"""
-    `train.train_base` runs this step (`training_loss`) in a loop with AdamW, a linear warm-up then cosine
+    `pipeline.train_base` runs this step (`training_loss`) in a loop with AdamW, a linear warm-up then cosine
     decay of the learning rate (`lr_at`), gradient clipping, and an exponential moving average of the
     weights, $\theta_\text{EMA} \leftarrow \mu\, \theta_\text{EMA} + (1 - \mu)\, \theta$ (`update_ema`),
     which is what samples. It writes checkpoints to the run folder; when the folder already holds the
@@ -429,7 +437,7 @@ NB2 = [
     """),
     code("""
     t0 = time.time()
-    base_ckpt = train.train_base(cfg, run_dir, device, progress=False)
+    base, base_ckpt = base_model()
     print(f"base model {base_ckpt} ({time.time() - t0:.0f} s; {cfg.train.steps} steps of batch "
           f"{cfg.train.batch_size})")
     history = load_tensors(base_ckpt / "history.safetensors")["loss"]
@@ -646,8 +654,7 @@ NB3 = [
     """),
     code("""
     t0 = time.time()
-    base_ckpt = train.train_base(cfg, run_dir, device, progress=False)   # from the cache when tutorial 2 ran
-    base, _, _ = load_unet(base_ckpt, device)
+    base, base_ckpt = base_model()                  # from the run folder when tutorial 2 ran
     n = cfg.eval.n_per_class if FAST else 200
     kw = dict(diffusion_kwargs=cfg.diffusion.scheduler_kwargs(), num_classes=2,
               image_shape=(3, cfg.data.resolution, cfg.data.resolution), sampler="ddim",
@@ -784,8 +791,7 @@ NB4 = [
     from invdiff_min.scheduler import DDPMScheduler
     """ + PLOTTING),
     code("""
-    base_ckpt = train.train_base(cfg, run_dir, device, progress=False)   # from the cache when tutorial 2 ran
-    base, _, _ = load_unet(base_ckpt, device)
+    base, base_ckpt = base_model()                  # from the run folder when tutorial 2 ran
     data = make_dataset(cfg.data, "train")
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
     minority = data.conflicting                                         # hidden: evaluation only
@@ -970,7 +976,7 @@ NB4 = [
     of `top_fraction` happens to equal the true minority rate of this dataset; on other data
     the rate is unknown, and a wrong guess trades precision against recall.
 
-    `train.compute_losses` and `train.infer_groups` run exactly these steps for the pipeline (with the
+    `pipeline.compute_losses` and `pipeline.infer_groups` run exactly these steps for the pipeline (with the
     settings of `cfg.losses` and `cfg.groups`) and save $l_i$ and $W$ keyed by sample index. Tutorial 5
     trains the guidance head on those groups.
     """),
@@ -1003,16 +1009,15 @@ NB5 = [
     md(r"""
     ## Stage B, as the pipeline runs it
 
-    `train.compute_losses` computes $l_i$ (the label/null-label loss ratio, $M$ draws in the label-free $t$
-    window, normalised per $t$: tutorial 4) and `train.infer_groups` the per-class top-5% groups. Both are
+    `pipeline.compute_losses` computes $l_i$ (the label/null-label loss ratio, $M$ draws in the label-free $t$
+    window, normalised per $t$: tutorial 4) and `pipeline.infer_groups` the per-class top-5% groups. Both are
     saved in the run folder (and reused when they are already there).
     """),
     code("""
     t0 = time.time()
-    base_ckpt = train.train_base(cfg, run_dir, device, progress=False)   # from the cache when tutorial 2 ran
-    base, _, _ = load_unet(base_ckpt, device)
-    train.compute_losses(cfg, run_dir, base_ckpt, device, progress=False)
-    train.infer_groups(cfg, run_dir)
+    base, base_ckpt = base_model()                  # from the run folder when tutorial 2 ran
+    for stage in ("losses", "groups"):             # each stage is skipped when its files are complete
+        pipeline.run(cfg, splits, run_dir, device, stage, base_path=base_ckpt, progress=False)
     report = read_json(run_dir / "groups.json")
     print(f"groups: sizes {[round(s) for s in report['sizes']]}, hidden minority share per group "
           f"{[round(m, 2) for m in report['minority_share']]}  ({time.time() - t0:.0f} s)")
@@ -1087,7 +1092,7 @@ NB5 = [
     md(r"""
     ## Training three heads
 
-    `train.train_head` runs the loop: a balanced batch, paired $(t, \varepsilon)$ draws, $\hat\varepsilon$
+    `pipeline.train_head` runs the loop: a balanced batch, paired $(t, \varepsilon)$ draws, $\hat\varepsilon$
     with $w = 1$, $L_e$, AdamW on $\psi$ only, an EMA of the head's weights for sampling. The same head
     and budget on three sets of groups:
     * **invdiff**: the inferred groups of stage B (label-free);
@@ -1100,9 +1105,8 @@ NB5 = [
     fig, ax = plt.subplots(figsize=(5, 2.8))
     for name in ("invdiff", "oracle", "uniform"):
         t0 = time.time()
-        ckpt = train.train_head(cfg, run_dir, name, train.head_weights(cfg, run_dir, name), base_ckpt, device,
-                                progress=False)
-        heads[name], _ = load_head(run_dir / name, base, device)
+        w = pipeline.group_assignments(name, splits.train, pipeline.load_groups(run_dir))
+        heads[name], ckpt = pipeline.train_head(cfg, splits.train, base, w, device, run_dir / name, progress=False)
         history = load_tensors(ckpt / "history.safetensors")["loss"]
         k = min(50, len(history))
         ax.plot(torch.nn.functional.avg_pool1d(history[None, None], k, stride=1)[0, 0], label=name)
@@ -1255,7 +1259,7 @@ NB6 = [
     is the one place where the two libraries spell things differently.
     """),
     code("""
-    base_ckpt = train.train_base(cfg, run_dir, device, progress=False)  # tutorial 2's model, from the cache
+    _, base_ckpt = base_model()                     # tutorial 2's model, from the run folder
     ours, _, _ = load_unet(base_ckpt, "cpu")
     c = ours.config
 
@@ -1327,9 +1331,8 @@ NB6 = [
     code("""
     run6 = work / "run"
     t0 = time.time()
-    train.compute_losses(cfg, run6, ckpt, device, progress=False)
-    train.infer_groups(cfg, run6)
-    train.train_head(cfg, run6, "invdiff", train.head_weights(cfg, run6, "invdiff"), ckpt, device, progress=False)
+    for stage in ("losses", "groups", "head"):
+        pipeline.run(cfg, splits, run6, device, stage, base_path=ckpt, progress=False)
     print(f"stages B and C ({time.time() - t0:.0f} s)")
     head, _ = load_head(run6 / "invdiff", pretrained, device)
     ec = cfg.eval
@@ -1361,8 +1364,8 @@ NB6 = [
     ## 4. Unconditional checkpoints: `--init-from`
 
     Most pretrained DDPMs, `google/ddpm-cifar10-32` among them, are unconditional: they have no class
-    embedding, and InvDiff needs a class-conditional base. `train.apply_init_from` takes the converted
-    model's architecture and schedule (and the built-in data at its resolution); `train.init_from_converted`
+    embedding, and InvDiff needs a class-conditional base. `pipeline.apply_init_from` takes the converted
+    model's architecture and schedule (and the built-in data at its resolution); `pipeline.init_from_converted`
     copies the weights and adds the class embedding $E[y]$ the model lacks, **initialised to zero**. So
     before any fine-tuning $\varepsilon_\theta(x_t, t, y) = \varepsilon_\text{pretrained}(x_t, t)$ for
     every label, the null label included. The stand-in below is the same network saved without its class
@@ -1383,9 +1386,9 @@ NB6 = [
     uncond, _, _ = load_unet(converted_uncond, device, weights="model")
 
     cfg6 = get_preset("tiny" if FAST else "cpu")
-    train.apply_init_from(cfg6, str(converted_uncond))                    # what --init-from does to the config
+    pipeline.apply_init_from(cfg6, str(converted_uncond))                    # what --init-from does to the config
     conditional = UNet(cfg6.unet).to(device)
-    train.init_from_converted(conditional, str(converted_uncond))        # what train_base does to the weights
+    pipeline.init_from_converted(conditional, str(converted_uncond))        # what train_base does to the weights
     side = cfg6.unet.sample_size
     x = torch.randn(3, 3, side, side, device=device)
     t = torch.tensor([50, 500, 950], device=device)
@@ -1395,7 +1398,7 @@ NB6 = [
     print(f"max |class-conditional at step 0 - pretrained unconditional| for y = disc, square, null: {gaps}")
     """),
     md(r"""
-    What to see: zeros. From here `train.train_base` (with `cfg.train.init_from` set, as `--init-from` does)
+    What to see: zeros. From here `pipeline.train_base` (with `cfg.train.init_from` set, as `--init-from` does)
     fine-tunes this model on the biased data with tutorial 2's loop, from that exact starting point, so
     that it learns to follow the labels (and, with them, the background); then stages B-D run as in
     section 3. The class embedding starts from zero and is learned slowly: in a side run with this

@@ -1,0 +1,175 @@
+"""Run folders: what a run writes where, how a stage resumes from its newest checkpoint and saves the next, and
+how a run folder is created, continued or replaced without losing anything.
+
+    RUN/config.json                       every setting, the command, versions (marks a folder as a run)
+    RUN/base/ckpt-NNNNNNN/                stage A checkpoints (model, ema, optimizer, history, state.json)
+    RUN/losses.json, losses.safetensors   stage B, part 1 (written as a set: the tensor file last)
+    RUN/groups.json, groups_hist.png, groups.safetensors     stage B, part 2 (a set, the tensor file last)
+    RUN/invdiff/ckpt-NNNNNNN/             stage C checkpoints of each head (and oracle/, uniform/)
+    RUN/summary.json, samples.png         stage D
+
+Every check of the command runs before anything is written or moved (`check_run_folder`). `--overwrite`
+never deletes first: the old run is moved aside (`RUN/../.RUN.replaced`) and deleted only once the new run
+has finished its first stage, so a command that fails leaves the old run recoverable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (CheckpointError, list_checkpoints, load_state_into, load_tensors, optimizer_from_tensors,
+                         optimizer_to_tensors, read_json, save_checkpoint)
+
+STAGES = ("base", "losses", "groups", "head", "eval")
+LOSSES_FILES = ("losses.json", "losses.safetensors")          # written in this order; complete when all exist
+GROUPS_FILES = ("groups.json", "groups_hist.png", "groups.safetensors")
+# may change on --resume: learning rates (the way out of a diverged run) and how the same maths is computed
+RESUMABLE_CHANGES = ("train.lr", "head.lr", "train.precision", "train.channels_last", "train.compile")
+
+
+class RunFolderError(ValueError):
+    """An --out folder that cannot be used as asked; the message says why and what to do."""
+
+
+def complete(run_dir: Path, files: tuple[str, ...]) -> bool:
+    """True when every output of a stage exists (a stage killed half-way is computed again)."""
+    return all((run_dir / f).is_file() for f in files)
+
+
+def _related(a: Path, b: Path) -> str | None:
+    """How folder a relates to folder b: 'is', 'holds', 'lies inside' or None."""
+    a, b = a.resolve(), b.resolve()
+    if a == b:
+        return "is"
+    if a in b.parents:
+        return "holds"
+    if b in a.parents:
+        return "lies inside"
+    return None
+
+
+def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, data_root: str | None = None,
+                     stage: str = "all", has_base: bool = False, heads: tuple[str, ...] = ("invdiff",)) -> None:
+    """Everything about --out that can be refused, refused before any work: the folder's kind, its relation to
+    the data, what --resume / --overwrite would do, and the inputs the requested stage needs."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--out {run_dir} is a file, not a folder; pass a new folder name")
+    if data_root is not None and (how := _related(run_dir, Path(data_root))):
+        raise RunFolderError(f"--out {run_dir} {how} the data root {data_root}; runs are written (and replaced by "
+                             f"--overwrite) there, so keep them apart: pass --out outside the dataset folder")
+    is_run = (run_dir / "config.json").is_file()
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run:
+        raise RunFolderError(f"--out {run_dir} is a non-empty folder that is not a run of invdiff-min (no "
+                             f"config.json); nothing there is touched: pass a new or empty folder")
+    if is_run and not (resume or overwrite):
+        raise RunFolderError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to "
+                             f"replace it (the old run is kept aside in {aside_path(run_dir)} until the new one has "
+                             f"finished its first stage), or --out NEW_FOLDER")
+    if overwrite and resume:
+        raise RunFolderError("--overwrite starts the run again and --resume continues it: pass one of them")
+    if overwrite and aside_path(run_dir).exists():
+        raise RunFolderError(f"an earlier --overwrite left the previous run in {aside_path(run_dir)}: restore it "
+                             f"(mv {aside_path(run_dir)} {run_dir}) or delete it, then run again")
+    parent = run_dir if run_dir.is_dir() else next(p for p in run_dir.absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise RunFolderError(f"cannot write to {parent} (for --out {run_dir}); pass a folder you can write")
+    kept = is_run and not overwrite                          # what the stage may read from the existing run
+    needs = {"losses": ["base"], "groups": ["losses"], "head": ["base"] + (["groups"] if "invdiff" in heads else []),
+             "eval": ["base"]}.get(stage, [])
+    have = {"base": has_base or (kept and bool(list_checkpoints(run_dir / "base"))),
+            "losses": kept and complete(run_dir, LOSSES_FILES), "groups": kept and complete(run_dir, GROUPS_FILES)}
+    missing = [n for n in needs if not have[n]]
+    if missing:
+        where = "the new run --overwrite would start" if is_run and overwrite else str(run_dir)
+        raise RunFolderError(f"--stage {stage} needs the {' and '.join(missing)} stage output in {where}, and it is "
+                             f"not there; run the earlier stages first (--stage all, or --base CKPT for the base)")
+
+
+def aside_path(run_dir: Path) -> Path:
+    """Where --overwrite keeps the old run until the new one has finished its first stage."""
+    return run_dir.absolute().parent / f".{run_dir.name}.replaced"
+
+
+def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def start_run(run_dir: Path, config: dict, record: dict, *, resume: bool, overwrite: bool) -> Path | None:
+    """Create, continue or replace the run folder (after `check_run_folder`): on --resume require the same
+    config (learning rates and precision excepted); on --overwrite move the old run aside. Writes config.json
+    ({"config": ..., **record}). Returns the folder the old run was moved to, or None."""
+    from .checkpoint import write_json
+
+    cfg_file, moved = run_dir / "config.json", None
+    config = json.loads(json.dumps(config))
+    if cfg_file.is_file() and resume:
+        saved = read_json(cfg_file)
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise CheckpointError(f"{cfg_file} is not a run config (no 'config' object); restore it, or start a new "
+                                  f"run with --out NEW_FOLDER")
+        changed = config_changes(saved["config"], config)
+        fixed = [c for c in changed if c not in RESUMABLE_CHANGES]
+        if fixed:
+            raise RunFolderError(f"{run_dir} was made with a different config ({', '.join(fixed[:6])} differ); resume "
+                                 f"with the same --preset and options, or use --out NEW_FOLDER")
+        if changed:
+            print(f"[resume] continuing with the new {', '.join(changed)}")
+    elif cfg_file.is_file() and overwrite:
+        moved = aside_path(run_dir)
+        os.replace(run_dir, moved)
+        print(f"[run] the old run is kept in {moved} until the new one has finished its first stage")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cfg_file, {"config": config, **record})
+    return moved
+
+
+def discard_replaced(moved: Path | None) -> None:
+    """Delete the old run that --overwrite moved aside (the new run has finished a stage)."""
+    if moved is not None and moved.name.endswith(".replaced") and moved.is_dir():
+        shutil.rmtree(moved)
+        print(f"[run] deleted the replaced run {moved}")
+
+
+# ----- a training stage's checkpoints ------------------------------------------------------------------------
+def resume_stage(stage_dir: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+                 history: torch.Tensor, expect: dict | None = None) -> tuple[int, dict]:
+    """Load the newest checkpoint of `stage_dir` into `modules` (each from NAME.safetensors), the optimizer and
+    the loss history. `expect`: state.json entries that must match (e.g. the base model's fingerprint).
+    Returns (its step, its state), or (0, {}) when the stage has no checkpoint yet."""
+    ckpts = list_checkpoints(stage_dir)
+    if not ckpts:
+        return 0, {}
+    ckpt = ckpts[-1]
+    state = read_json(ckpt / "state.json")
+    for key, value in (expect or {}).items():
+        if state.get(key) != value:
+            raise CheckpointError(f"{ckpt} was trained with another {key} ({state.get(key)} vs {value}); train "
+                                  f"this stage again in a new run (--out NEW_FOLDER) or with --overwrite")
+    for name, module in modules.items():
+        load_state_into(module, load_tensors(ckpt / f"{name}.safetensors"), f"{ckpt / name}.safetensors")
+    optimizer_from_tensors(opt, load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
+    step = state["step"]
+    history[:step] = load_tensors(ckpt / "history.safetensors")["loss"][:step]
+    return step, state
+
+
+def save_stage(stage_dir: Path, step: int, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+               history: torch.Tensor, state: dict, fault_hook=None) -> Path:
+    """Write checkpoint `step` of a stage atomically: NAME.safetensors per module, the optimizer, the loss
+    history and state.json (`state` plus the optimizer's param groups)."""
+    opt_tensors, opt_meta = optimizer_to_tensors(opt)
+    tensors = {**{name: m.state_dict() for name, m in modules.items()}, "optimizer": opt_tensors,
+               "history": {"loss": history}}
+    return save_checkpoint(stage_dir, step, tensors, {**state, "optimizer": opt_meta}, fault_hook=fault_hook)
