@@ -158,10 +158,11 @@ def test_resolution_64_and_shorter_side_resize_with_centre_crop(waterbirds, tmp_
     img = Image.new("RGB", (60, 20), (255, 0, 0))
     img.paste((0, 255, 0), (20, 0, 40, 20))
     img.paste((0, 0, 255), (40, 0, 60, 20))
-    img.save(tmp_path / "wide.png")
-    Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / "b.png")
-    (tmp_path / "metadata.csv").write_text("file,y,split\nwide.png,a,train\nb.png,b,train\nwide.png,a,eval\n"
-                                           "b.png,b,eval\n")
+    rows = []
+    for i, (y, bias, split) in enumerate((y, b, s) for y in "ab" for b in "pq" for s in ("train", "eval")):
+        (img if y == "a" else Image.new("RGB", (20, 20), (9, 9, 9))).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{y},{bias},{split}")
+    (tmp_path / "metadata.csv").write_text("file,y,bias,split\n" + "\n".join(rows) + "\n")
     tr, _ = load_folder(tmp_path, 16, cache=False)
     wide = tr.images[tr.labels == 0][0]
     assert torch.allclose(wide[:, :, 2:14], torch.tensor([0.0, 1.0, 0.0])[:, None, None].expand(3, 16, 12), atol=0.02)
@@ -303,8 +304,8 @@ def test_folder_format_maps_values_in_sorted_order_and_reads_any_image_mode(tmp_
     assert torch.allclose(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 0], torch.tensor(128 / 255), atol=0.01)
     sixteen = train.images[train.index % 6 == 4]                                   # I;16 32768 -> 128
     assert torch.allclose(sixteen, torch.tensor(128 / 255), atol=0.01)
-    by_size, _ = load_folder(tmp_path, 16, class_column="size", bias_column=None, cache=False)
-    assert by_size.class_names == ("1", "2", "10") and by_size.num_attributes == 1   # integers sort numerically
+    by_size, _ = load_folder(tmp_path, 16, class_column="size", cache=False)
+    assert by_size.class_names == ("1", "2", "10") and by_size.num_attributes == 2   # integers sort numerically
 
 
 def test_folder_without_split_column_holds_out_a_deterministic_balanced_eval_split(tmp_path):
@@ -321,11 +322,10 @@ def test_folder_without_split_column_holds_out_a_deterministic_balanced_eval_spl
     assert len(train) + len(ev) == 40 and not set(train.index.tolist()) & set(ev.index.tolist())
     again = load_folder(tmp_path, 8, cache=False)[1]
     assert torch.equal(again.index, ev.index)
-    no_bias = tmp_path / "nb"
-    no_bias.mkdir()
-    (no_bias / "metadata.csv").write_text("file,y\n" + "\n".join(f"../{i}.png,{i % 2}" for i in range(40)) + "\n")
-    tr, ev2 = load_folder(no_bias, 8, cache=False)
-    assert tr.num_attributes == 1 and (tr.bias == 0).all() and torch.bincount(ev2.labels).tolist() == [4, 4]
+    (tmp_path / "metadata.csv").write_text("file,y\n" + "\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
+    with pytest.raises(DatasetFormatError, match="no bias column 'bias'; found file, y. The bias column is read only "
+                                                 "by evaluation, but Bias and fidelity cannot be measured without it"):
+        load_folder(tmp_path, 8, cache=False)                        # without a bias column nothing can be measured
 
 
 def test_folder_errors_name_the_columns_and_values_found(tmp_path):
@@ -335,8 +335,9 @@ def test_folder_errors_name_the_columns_and_values_found(tmp_path):
         load_folder(tmp_path, cache=False)
     with pytest.raises(DatasetFormatError, match="no bias column 'colour'; found path, label"):
         load_folder(tmp_path, file_column="path", class_column="label", bias_column="colour", cache=False)
-    (tmp_path / "metadata.csv").write_text("file,y,split\na.png,0,train\na.png,0,holdout\n")
-    with pytest.raises(DatasetFormatError, match="train or eval .* found 'holdout'"):
+    (tmp_path / "metadata.csv").write_text("file,y,bias,split\na.png,0,0,train\na.png,0,0,holdout\n")
+    with pytest.raises(DatasetFormatError, match="metadata.csv:3: column 'split' must hold train or eval .* "
+                                                 "found 'holdout'"):
         load_folder(tmp_path, cache=False)
 
 

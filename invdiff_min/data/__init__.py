@@ -11,6 +11,8 @@ apart from the per-dataset code: `core` (types), `tables` (metadata and selectio
 """
 from __future__ import annotations
 
+import inspect
+
 from . import celeba, cmnist, fairface, folder, shapes, waterbirds
 from .core import (BiasedDataset, DataConfig, DatasetFormatError, DatasetLayoutError, DatasetSpec, DatasetWarning,
                    DataSplits, from_model_range, to_model_range)
@@ -20,6 +22,11 @@ from .fairface import load_fairface
 from .folder import load_folder
 from .shapes import ATTRIBUTE_NAMES, CLASS_NAMES, read_background, read_shape
 from .waterbirds import load_waterbirds
+
+__all__ = ["ATTRIBUTE_NAMES", "CLASS_NAMES", "DATASETS", "BiasedDataset", "DataConfig", "DataSplits",
+           "DatasetFormatError", "DatasetLayoutError", "DatasetSpec", "DatasetWarning", "from_model_range", "get_spec",
+           "load_celeba", "load_cmnist", "load_dataset", "load_fairface", "load_folder", "load_splits",
+           "load_waterbirds", "make_dataset", "read_background", "read_digit_colour", "read_shape", "to_model_range"]
 
 DATASETS: dict[str, DatasetSpec] = {m.SPEC.name: m.SPEC
                                     for m in (shapes, cmnist, waterbirds, celeba, fairface, folder)}
@@ -37,8 +44,26 @@ def load_splits(cfg: DataConfig) -> DataSplits:
     if spec.needs_root and cfg.data_root is None:
         raise ValueError(f"dataset {cfg.name!r} needs a root folder: pass --data-root FOLDER "
                          f"(layouts: docs/datasets.md)")
+    check_options(spec, cfg.options)
     train, evaluation = spec.load(cfg)
     return DataSplits(train, evaluation, spec)
+
+
+def check_options(spec: DatasetSpec, options: dict) -> None:
+    """Refuse an option the loader does not take (its keyword-only arguments), naming the ones it does."""
+    sampling = DataConfig().sampling_options()          # set by DataConfig fields, never as options
+    known = [] if spec.loader is None else [
+        p.name for p in inspect.signature(spec.loader).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in sampling]
+    for name in options:
+        if name in sampling:
+            flag = {"aligned_fraction": "--aligned-fraction", "num_samples": "--num-samples", "seed": "--data-seed"}
+            raise ValueError(f"{name} is a DataConfig field (data.{name}), not a loader option; set it there"
+                             + (f" (on the command line: {flag[name]})" if name in flag else ""))
+        if name not in known:
+            raise ValueError(f"unknown option {name!r} for dataset {spec.name!r}; "
+                             + (f"it takes {', '.join(known)}" if known else "it takes no options")
+                             + " (docs/datasets.md)")
 
 
 def make_dataset(cfg: DataConfig, split: str = "train") -> BiasedDataset:

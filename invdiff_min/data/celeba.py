@@ -5,14 +5,12 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-from .core import BiasedDataset, DataConfig, DatasetFormatError, DatasetSpec
+from .core import AS_DISTRIBUTED, BiasedDataset, DataConfig, DatasetFormatError, DatasetSpec
 from .images import build_image_splits
-from .tables import (EVAL, TRAIN, UNUSED, MetadataTable, Sampling, choose, index_values, read_csv, read_ints,
-                     read_mapped, require_dir, require_file)
+from .tables import EVAL, TRAIN, UNUSED, MetadataTable, Sampling, choose, flag, require_dir, require_file
 
 CELEBA_LAYOUT = ("CelebA layout: ROOT/img_align_celeba/*.jpg, ROOT/list_attr_celeba.txt and "
                  "ROOT/list_eval_partition.txt (the official Align&Cropped release)")
@@ -21,13 +19,14 @@ CELEBA_LAYOUT = ("CelebA layout: ROOT/img_align_celeba/*.jpg, ROOT/list_attr_cel
 def load_celeba(root, resolution: int = 32, *, target: str = "Blond_Hair", bias: str = "Male",
                 invert_bias: bool = False, aligned_fraction: float | None = None, group_sizes=None,
                 num_samples: int | None = None, eval_per_group: int | None = None, eval_split: str = "test",
-                seed: int = 0, cache=True) -> tuple[BiasedDataset, BiasedDataset]:
+                seed: int = 0, cache=True, allow_outside_root: bool = False) -> tuple[BiasedDataset, BiasedDataset]:
     """CelebA (Liu et al. 2015): y = attribute `target`, b = attribute `bias`, each 1 where the file says 1
     and 0 where it says -1. Training rows are partition 0; eval comes from `eval_split` ("val" = 1, "test" = 2).
 
     "Aligned" means b == y. In CelebA blond hair goes with women, so with the defaults the natural majority
     of blond people has b = 0 != y; `invert_bias=True` sets b = 1 - Male (b = 1 for women), making b == y the
-    natural majority, which is what `BiasedDataset.conflicting` and `aligned_fraction` then measure."""
+    natural majority, which is what `BiasedDataset.conflicting` and `aligned_fraction` then measure. Image
+    paths stay inside ROOT unless `allow_outside_root`."""
     root = require_dir(root, "CelebA root", CELEBA_LAYOUT)
     attr_path = require_file(root / "list_attr_celeba.txt", CELEBA_LAYOUT)
     part_path = require_file(root / "list_eval_partition.txt", CELEBA_LAYOUT)
@@ -45,7 +44,7 @@ def load_celeba(root, resolution: int = 32, *, target: str = "Blond_Hair", bias:
         if name not in names:
             raise DatasetFormatError(f"{attr_path}: no attribute {name!r} ({what}); found {', '.join(names)}")
     ti, bi = names.index(target) + 1, names.index(bias) + 1         # +1: the file name comes first
-    files, y, b = [], [], []
+    files, y, b, line_of = [], [], [], []
     for lineno, line in enumerate(lines[2:], start=3):
         parts = line.split()
         if not parts:
@@ -53,16 +52,23 @@ def load_celeba(root, resolution: int = 32, *, target: str = "Blond_Hair", bias:
         if len(parts) != len(names) + 1:
             raise DatasetFormatError(f"{attr_path}:{lineno}: expected a file name and {len(names)} values, "
                                      f"found {len(parts)} fields")
+        for name, value in ((target, parts[ti]), (bias, parts[bi])):
+            if value not in ("1", "-1"):
+                raise DatasetFormatError(f"{attr_path}:{lineno}: attribute {name} is {value!r}; expected 1 or -1")
         files.append(parts[0])
+        line_of.append(lineno)
         y.append(parts[ti] == "1")
         b.append(parts[bi] == "1")
     if int(lines[0]) != len(files):
         raise DatasetFormatError(f"{attr_path}: line 1 announces {int(lines[0])} images but the file lists "
                                  f"{len(files)}; is it truncated?")
     partition = {}
-    for line in part_path.read_text().splitlines():
+    for lineno, line in enumerate(part_path.read_text().splitlines(), start=1):
         parts = line.split()
         if len(parts) == 2:
+            if parts[1] not in ("0", "1", "2"):
+                raise DatasetFormatError(f"{part_path}:{lineno}: partition {parts[1]!r}; expected 0 (train), 1 (val) "
+                                         f"or 2 (test)")
             partition[parts[0]] = int(parts[1])
     absent = [f for f in files if f not in partition]
     if absent:
@@ -72,14 +78,15 @@ def load_celeba(root, resolution: int = 32, *, target: str = "Blond_Hair", bias:
     b_t = torch.tensor(b, dtype=torch.long)
     prefix = image_dir.relative_to(root).as_posix()
     table = MetadataTable(files=[f"{prefix}/{f}" for f in files], labels=torch.tensor(y, dtype=torch.long),
-                   bias=1 - b_t if invert_bias else b_t,
-                   split=torch.where(s == 0, TRAIN, torch.where(s == eval_code, EVAL, UNUSED)),
-                   class_names=(f"not {target}", target),
-                   attribute_names=(bias, f"not {bias}") if invert_bias else (f"not {bias}", bias))
+                          bias=1 - b_t if invert_bias else b_t,
+                          split=torch.where(s == 0, TRAIN, torch.where(s == eval_code, EVAL, UNUSED)),
+                          class_names=(f"not {target}", target),
+                          attribute_names=(bias, f"not {bias}") if invert_bias else (f"not {bias}", bias),
+                          lines=line_of, sources=((attr_path, 0),), columns=(target, bias))
     return build_image_splits("celeba", root, table, resolution, Sampling(aligned_fraction, group_sizes, num_samples,
                   eval_per_group, seed), meta_files=[attr_path, part_path],
                   params={"target": target, "bias": bias, "invert_bias": invert_bias, "eval_split": eval_split},
-                  cache=cache)
+                  cache=cache, allow_outside_root=flag(allow_outside_root, "allow_outside_root"))
 
 
 def load(cfg: DataConfig) -> tuple[BiasedDataset, BiasedDataset]:
@@ -87,5 +94,5 @@ def load(cfg: DataConfig) -> tuple[BiasedDataset, BiasedDataset]:
     return load_celeba(cfg.data_root, cfg.resolution, **cfg.sampling_options(), **cfg.options)
 
 
-SPEC = DatasetSpec("celeba", load, defaults=dict(num_samples=None, eval_per_group=None, aligned_fraction=None), needs_root=True,
-                   about="CelebA: two binary attributes (target, bias), e.g. Blond_Hair vs Male")
+SPEC = DatasetSpec("celeba", load, defaults=AS_DISTRIBUTED, needs_root=True,
+                   loader=load_celeba, about="CelebA: two binary attributes (target, bias), e.g. Blond_Hair vs Male")

@@ -151,5 +151,5 @@ def load(cfg: DataConfig) -> tuple[BiasedDataset, BiasedDataset]:
 
 
 SPEC = DatasetSpec("cmnist", load, defaults=dict(num_samples=None, eval_per_group=None),
-                   read_attribute=read_digit_colour,
+                   read_attribute=read_digit_colour, loader=load_cmnist,
                    about="Colored-MNIST-5k: real digits, stroke colour as the bias (pip install -e \".[cmnist]\")")

@@ -72,6 +72,9 @@ class DataSplits:
     spec: "DatasetSpec"
 
 
+# a real dataset as its authors distribute it, unless a bias ratio or sizes are asked for (DataConfig defaults)
+AS_DISTRIBUTED = dict(num_samples=None, eval_per_group=None, aligned_fraction=None)
+
 Reader = Callable[[torch.Tensor, int], torch.Tensor]   # (images (N, 3, H, W) in [0, 1], K) -> (N,) index, -1 unread
 
 
@@ -81,6 +84,7 @@ class DatasetSpec:
     readers of its class and attribute when its domain has them (the judge uses them instead of a CNN)."""
     name: str
     load: Callable[[DataConfig], tuple[BiasedDataset, BiasedDataset]]   # -> (train, eval)
+    loader: Callable | None = None                 # the function whose keyword-only arguments are the options
     defaults: dict = field(default_factory=dict)   # DataConfig fields this dataset sets when chosen
     read_class: Reader | None = None               # exact class reader, or None (a CNN judges)
     read_attribute: Reader | None = None           # exact attribute reader, or None (a CNN judges)

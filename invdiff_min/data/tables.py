@@ -1,19 +1,27 @@
 """Metadata tables and the selection of samples, shared by the loaders that read from disk.
 
 A loader reads its metadata files into a `MetadataTable` (one row per image, before any image is decoded);
-`select_rows` then picks the training rows (optionally re-sampled to a bias ratio or to cell sizes,
-`Sampling`) and a balanced eval split, deterministically given the seed. Every helper raises a one-line
-`DatasetLayoutError` / `DatasetFormatError` naming the file, what it expected and what it found.
+`check_table` confines its paths to the root, drops duplicate rows and refuses data with one class or one
+attribute value; `select_rows` then picks the training rows (optionally re-sampled to a bias ratio or to cell
+sizes, `Sampling`) and a balanced eval split, deterministically given the seed. Every helper raises a one-line
+`DatasetLayoutError` / `DatasetFormatError` naming the file (and line), what it expected and what it found.
 """
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import os
+import posixpath
+import re
+import stat
+import warnings
+from bisect import bisect_right
+from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
 
 import torch
 
-from .core import DatasetFormatError, DatasetLayoutError
+from .core import DatasetFormatError, DatasetLayoutError, DatasetWarning
 
 TRAIN, EVAL, UNUSED = 0, 1, -1      # values of MetadataTable.split
 
@@ -27,6 +35,16 @@ class MetadataTable:
     split: torch.Tensor              # (R,) long: TRAIN, EVAL or UNUSED
     class_names: tuple
     attribute_names: tuple
+    lines: list[int] | None = None   # line of each row in its metadata file, for errors (None: row + 2)
+    sources: tuple = ()              # ((metadata file, first row), ...) in row order, for errors
+    columns: tuple = ("class", "bias")   # the metadata's names for y and b, for errors
+
+    def where(self, r: int) -> str:
+        """'FILE:LINE' of row r."""
+        if not self.sources:
+            return f"row {r}"
+        i = bisect_right([first for _, first in self.sources], r) - 1
+        return f"{self.sources[i][0]}:{self.lines[r] if self.lines else r - self.sources[i][1] + 2}"
 
 
 @dataclass(frozen=True)
@@ -77,9 +95,22 @@ def require_dir(path, what: str, layout: str) -> Path:
 
 
 def require_file(path: Path, layout: str) -> Path:
-    if not path.is_file():
-        raise DatasetLayoutError(f"missing file {path}{found_near(path)}. {layout}")
+    """A metadata file; a FIFO, device, socket or folder in its place is refused (reading it could block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        raise DatasetLayoutError(f"missing file {path}{found_near(path)}. {layout}") from None
+    if not stat.S_ISREG(mode):
+        raise DatasetLayoutError(f"{path} is not a regular file ({file_kind(mode)}); put the metadata file "
+                                 f"itself there. {layout}")
     return path
+
+
+def file_kind(mode: int) -> str:
+    """'folder', 'FIFO', ... for the st_mode of something that is not a regular file."""
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def found_near(path: Path) -> str:
@@ -92,8 +123,9 @@ def found_near(path: Path) -> str:
     return f" ({parent} holds: {shown or 'nothing'})"
 
 
-def read_csv(path: Path, required: list[str], layout: str) -> list[dict]:
-    """Rows of a CSV file with a header, as dicts; refuses a file lacking a required column."""
+def read_csv(path: Path, required: list[str], layout: str) -> tuple[list[dict], list[int]]:
+    """Rows of a CSV file with a header, as dicts, and the line each row ends on; refuses a file lacking a
+    required column or a row with more or fewer fields than the header."""
     with open(path, newline="", encoding="utf-8-sig") as f:     # utf-8-sig: tolerate a byte-order mark
         reader = csv.DictReader(f)
         found = [c.strip() for c in reader.fieldnames or []]
@@ -102,25 +134,53 @@ def read_csv(path: Path, required: list[str], layout: str) -> list[dict]:
             raise DatasetFormatError(f"{path}: missing column(s) {', '.join(missing)}; found "
                                      f"{', '.join(found) or 'no header'}. {layout}")
         reader.fieldnames = found
-        rows = []
+        rows, lines = [], []
         for row in reader:
             if None in row.values():
                 raise DatasetFormatError(f"{path}:{reader.line_num}: fewer fields than the header ({len(found)})")
+            if None in row:    # DictReader keeps the surplus under the key None: a comma in an unquoted value?
+                raise DatasetFormatError(f"{path}:{reader.line_num}: more fields than the header ({len(found)}); "
+                                         f"quote values that hold a comma")
             rows.append(row)
+            lines.append(reader.line_num)
     if not rows:
         raise DatasetFormatError(f"{path} has a header but no rows")
-    return rows
+    return rows, lines
 
 
-def read_ints(rows: list[dict], column: str, path: Path, allowed: set[int]) -> torch.Tensor:
-    try:
-        values = [int(float(r[column])) for r in rows]
-    except (TypeError, ValueError):
-        raise DatasetFormatError(f"{path}: column {column!r} must hold integers {sorted(allowed)}") from None
-    odd = sorted(set(values) - allowed)
-    if odd:
-        raise DatasetFormatError(f"{path}: column {column!r} holds {odd}; expected only {sorted(allowed)}")
-    return torch.tensor(values, dtype=torch.long)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,3})?", re.ASCII)
+
+
+def parse_number(text: str) -> Decimal | None:
+    """The exact value of a plain decimal number ('1', '1.0', '01', '-2', '2.5', '1e3'), else None: words, and
+    also 'nan', 'inf' and '1_000', which float() would take."""
+    return Decimal(text) if _NUMBER.fullmatch(text) else None
+
+
+def number_name(value: Decimal) -> str:
+    """The canonical text of a number: '1' for 1, 1.0, 01 and 1e0; '2.5' for 2.50; '0' for -0. Exact: no
+    rounding to a context precision, no int/str digit limit."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def _line(lines: list[int] | None, i: int) -> int:
+    return lines[i] if lines else i + 2       # without recorded lines: a header, then one row a line
+
+
+def read_ints(rows: list[dict], column: str, path: Path, allowed: set[int],
+              lines: list[int] | None = None) -> torch.Tensor:
+    """An integer column, strictly: '1' and '1.0' are 1; '1.5', 'one' or a value outside `allowed` is refused
+    with its line."""
+    parsed = {v: parse_number(v.strip()) for v in {r[column] for r in rows}}
+    ok = {v: int(n) for v, n in parsed.items() if n is not None and n == n.to_integral_value() and int(n) in allowed}
+    if len(ok) < len(parsed):
+        i = next(i for i, r in enumerate(rows) if r[column] not in ok)
+        raise DatasetFormatError(f"{path}:{_line(lines, i)}: column {column!r} holds {rows[i][column]!r}; expected "
+                                 f"one of the integers {sorted(allowed)}")
+    return torch.tensor([ok[r[column]] for r in rows], dtype=torch.long)
 
 
 def read_mapped(rows: list[dict], column: str, mapping: dict, path: Path) -> list[int]:
@@ -131,17 +191,93 @@ def read_mapped(rows: list[dict], column: str, mapping: dict, path: Path) -> lis
     return [mapping[r[column]] for r in rows]
 
 
-def index_values(values: list[str], column: str, path: Path) -> tuple[torch.Tensor, tuple[str, ...]]:
-    """Map the values of a column to 0..K-1 in sorted order (numerically if all are integers)."""
+def index_values(values: list[str], column: str, path: Path,
+                 lines: list[int] | None = None) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Map the values of a column to 0..K-1 in sorted order. A column of numbers only is compared by value
+    (1, 1.0, 01 and " 1" are one class, named "1"; 2.5 is "2.5"); a column of words only, as text; a column
+    that mixes numbers and words is refused, naming one of each and its line."""
     values = [v.strip() for v in values]
-    if any(v == "" for v in values):
-        raise DatasetFormatError(f"{path}: column {column!r} is empty in row {values.index('') + 2}")
-    try:
-        names = sorted(set(values), key=int)
-    except ValueError:
-        names = sorted(set(values))
-    lookup = {v: i for i, v in enumerate(names)}
+    first: dict[str, int] = {}                                           # distinct value -> its first row
+    for i, v in enumerate(values):
+        first.setdefault(v, i)
+    if "" in first:
+        raise DatasetFormatError(f"{path}:{_line(lines, first[''])}: column {column!r} is empty")
+    numbers = {v: parse_number(v) for v in first}
+    words = [v for v, n in numbers.items() if n is None]
+    if words and len(words) < len(numbers):
+        number, word = next(v for v, n in numbers.items() if n is not None), words[0]
+        raise DatasetFormatError(f"{path}: column {column!r} mixes numbers and words: line "
+                                 f"{_line(lines, first[number])} holds {number!r}, line {_line(lines, first[word])} "
+                                 f"holds {word!r}; use numbers in every row or names in every row")
+    if words:
+        names = sorted(first)
+        lookup = {v: i for i, v in enumerate(names)}
+    else:
+        order = sorted(set(numbers.values()))
+        rank = {n: i for i, n in enumerate(order)}
+        names = [number_name(n) for n in order]
+        lookup = {v: rank[n] for v, n in numbers.items()}
     return torch.tensor([lookup[v] for v in values], dtype=torch.long), tuple(names)
+
+
+def flag(value, name: str) -> bool:
+    """A yes/no option as given in Python (True) or on the command line (true, 1, yes)."""
+    text = str(value).strip().lower()
+    if isinstance(value, (bool, int, str)) and text in ("true", "1", "yes", "false", "0", "no"):
+        return text in ("true", "1", "yes")
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+# ----- table checks: paths inside the root, no duplicates, at least two classes and attribute values ----
+def check_table(table: MetadataTable, allow_outside_root: bool) -> MetadataTable:
+    """The table with normalised paths and duplicate rows (the same image again) set to UNUSED, keeping the
+    first: no image can be in both train and eval. Refuses a path outside the root (unless allowed), an empty
+    one, duplicates whose labels disagree, and data with fewer than two classes or attribute values."""
+    files = [posixpath.normpath(f) for f in table.files]              # 'imgs/./a.png' -> 'imgs/a.png'
+    for r, norm in enumerate(files):   # outside by its text; a symlink out is caught when opened (images.py)
+        if norm == ".":
+            raise DatasetFormatError(f"{table.where(r)}: empty image path {table.files[r]!r}; name an image file")
+        if not allow_outside_root and (norm == ".." or norm.startswith(("/", "../"))):
+            raise DatasetFormatError(f"{table.where(r)}: the image path {table.files[r]!r} leads outside the dataset "
+                                     f"root; {OUTSIDE_ROOT_FIX}")
+    first_of = dict(zip(reversed(files), range(len(files) - 1, -1, -1)))   # image -> its first row
+    dropped = [(r, first_of[f]) for r, f in enumerate(files) if first_of[f] != r] if len(first_of) < len(files) else []
+    split = table.split.clone()
+    for r, first in dropped:
+        for what, names, values in ((table.columns[0], table.class_names, table.labels),
+                                    (table.columns[1], table.attribute_names, table.bias)):
+            if values[first] != values[r]:
+                raise DatasetFormatError(f"{table.where(first)} and {table.where(r)} list the same image "
+                                         f"{files[r]!r} with different {what} ({names[int(values[first])]} vs "
+                                         f"{names[int(values[r])]}); correct or remove one of the rows")
+        split[r] = UNUSED
+    if dropped:
+        def repeats(r: int, first: int) -> str:      # "m.csv:14 repeats line 2 (a.png)"; another file in full
+            here, there = table.where(r).rsplit(":", 1), table.where(first).rsplit(":", 1)
+            return f"{':'.join(here)} repeats {'line ' + there[-1] if here[0] == there[0] else ':'.join(there)} " \
+                   f"({files[r]})"
+        shown = "; ".join(repeats(r, first) for r, first in dropped[:3])
+        warnings.warn(f"dropped {len(dropped)} duplicate row(s) listing an image already listed, keeping each "
+                      f"image's first row so that no image is in both train and eval: {shown}"
+                      f"{f'; +{len(dropped) - 3} more' if len(dropped) > 3 else ''}", DatasetWarning, stacklevel=3)
+    used = split != UNUSED
+    sources = ", ".join(str(path) for path, _ in table.sources) or "the metadata"
+    for what, names, values, why in (
+            ("class", table.class_names, table.labels, "InvDiff debiases a class-conditional model: one class "
+             "gives nothing to condition on"),
+            ("attribute value", table.attribute_names, table.bias, "Bias is measured across the attribute's "
+             "values: one value gives Bias 1.000 whatever the model does")):
+        present = [names[v] for v in values[used].unique().tolist()]
+        if len(present) < 2:
+            column = table.columns[0] if what == "class" else table.columns[1]
+            raise DatasetFormatError(f"{sources}: the rows used hold {len(present)} {what}"
+                                     f"{f' ({present[0]})' if present else ''} in {column!r}; at least two are "
+                                     f"needed ({why})")
+    return replace(table, files=files, split=split)
+
+
+OUTSIDE_ROOT_FIX = ("paths must stay inside the root (symlinks included); move the images under the root, or "
+                    "allow it with allow_outside_root=True (--data-option allow_outside_root=true)")
 
 
 def choose(value: str, options: dict, name: str):
@@ -230,7 +366,8 @@ def _top(pool: torch.Tensor, priority: torch.Tensor, k: int) -> torch.Tensor:
     return pool[priority[pool].argsort()[:k]]
 
 
-def select_rows(table: MetadataTable, s: Sampling, holdout: bool, bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_rows(table: MetadataTable, s: Sampling, holdout: bool,
+                bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row ids of the training and eval samples, each in a seeded random order. Every row has a fixed random
     priority; each (y, b) cell takes its rows in priority order, so excluding an unreadable row (`bad`, (R,)
     bool) only brings in the next row of its cell."""
@@ -264,6 +401,12 @@ def select_rows(table: MetadataTable, s: Sampling, holdout: bool, bad: torch.Ten
     else:
         train_rows = torch.cat([_top((train_pool & (cell == g)).nonzero().squeeze(1), priority, int(k))
                                 for g, k in enumerate(counts.flatten())])
+    per_class = torch.bincount(table.labels[train_rows], minlength=c_)
+    if int(per_class.min()) == 0:
+        y = int(per_class.argmin())
+        raise ValueError(f"the training split holds no sample of class y={y} ({table.class_names[y]}); the "
+                         f"class-conditional model would never see it. Training samples per class: "
+                         f"{per_class.tolist()}; check the split column or the re-sampling options")
     return train_rows[priority[train_rows].argsort()], eval_rows[priority[eval_rows].argsort()]
 
 
