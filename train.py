@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from invdiff_min import amp
 from invdiff_min import distributed as dist
 from invdiff_min import pipeline
-from invdiff_min.config import RunConfig, apply_overrides, get_preset, pick_device
+from invdiff_min.config import RunConfig, apply_overrides, check_config, get_preset, pick_device
 from invdiff_min.data import get_spec, load_splits
 from invdiff_min.errors import exit_on_error
+from invdiff_min.evaluate import check_judgeable
 from invdiff_min.runs import STAGES, check_run_folder, start_run
-
-LIMITS = {"--steps": 10_000_000, "--head-steps": 10_000_000, "--num-samples": 10_000_000, "--resolution": 1024}
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,22 +86,8 @@ def parse_option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def check_numbers(args) -> None:
-    """Numbers from the command line, refused with their range before anything is built."""
-    for flag, value in (("--steps", args.steps), ("--head-steps", args.head_steps),
-                        ("--num-samples", args.num_samples), ("--resolution", args.resolution)):
-        if value is not None and not 1 <= value <= LIMITS[flag]:
-            raise ValueError(f"{flag} must be an integer in [1, {LIMITS[flag]:,}], got {value}")
-    for flag, value in (("--lr", args.lr), ("--head-lr", args.head_lr)):
-        if value is not None and not (math.isfinite(value) and 0 < value < 1):
-            raise ValueError(f"{flag} must be a number in (0, 1), got {value}")
-    if args.aligned_fraction is not None and not 0 <= args.aligned_fraction <= 1:
-        raise ValueError(f"--aligned-fraction must be in [0, 1], got {args.aligned_fraction}")
-
-
 def build_config(args) -> RunConfig:
-    """The preset, then the dataset's defaults, then the flags, then --set."""
-    check_numbers(args)
+    """The preset, then the dataset's defaults, then the flags, then --set; every number checked at the end."""
     cfg = get_preset(args.preset)
     spec = get_spec(args.dataset)
     if args.dataset != "shapes":
@@ -128,7 +111,9 @@ def build_config(args) -> RunConfig:
             part.seed = args.seed
     if args.init_from:
         pipeline.apply_init_from(cfg, args.init_from)
-    return apply_overrides(cfg, args.set)
+    apply_overrides(cfg, args.set)
+    check_config(cfg)
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -156,13 +141,15 @@ def train(argv: list[str]) -> int:
         splits = load_splits(cfg.data)              # the data, built once and passed to every stage
         if dist.is_main():
             dist.barrier()
+        if args.stage in ("all", "eval"):
+            check_judgeable(splits)                 # now, not after every training stage has run
         data = splits.train
         cfg.unet.num_classes, cfg.unet.sample_size = data.num_classes, cfg.data.resolution
         dist.print0(f"[data] {cfg.data.name}: {len(data)} training images, {data.num_classes} classes "
                     f"{list(data.class_names)}, {data.num_attributes} attribute values (hidden)")
         replaced = None
         if dist.is_main():                          # rank 0 prepares the run folder, the others wait
-            replaced = start_run(run_dir, cfg.to_dict(), pipeline.run_record(argv, device), resume=args.resume,
+            replaced = start_run(run_dir, cfg.to_dict(), pipeline.run_record(argv, device, data), resume=args.resume,
                                  overwrite=args.overwrite)
         dist.barrier()
         summary = pipeline.run(cfg, splits, run_dir, device, args.stage, heads, base_path, args.compare,

@@ -1,6 +1,6 @@
 """Run folders and checkpoints: safetensors for tensors, JSON for everything else, atomic writes, no pickle.
 
-A *stage folder* (e.g. `runs/default/base/`) holds numbered checkpoint folders:
+A *stage folder* (e.g. `runs/cpu/base/`) holds numbered checkpoint folders:
 
     base/ckpt-0002000/model.safetensors      weights
                       ema.safetensors        EMA weights (the ones sampling uses), when kept
@@ -117,6 +117,15 @@ def write_json(path: str | Path, obj) -> None:
 def read_json(path: str | Path):
     """JSON from a file; a file that is not JSON (or not UTF-8) is a CheckpointError naming it."""
     return parse_json(Path(path), "restore it, or delete it and re-run the command that wrote it")
+
+
+def read_json_object(path: str | Path, fix: str = "restore it, or delete it and re-run the command that wrote it"):
+    """A JSON object from a file (a run's config.json, a stage's JSON); anything else is a CheckpointError."""
+    value = parse_json(Path(path), fix)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not the object invdiff-min writes there; "
+                              f"{fix}")
+    return value
 
 
 def parse_json(path: Path, fix: str):
@@ -255,8 +264,8 @@ def resolve_checkpoint(path: str | Path, stage: str = "base") -> Path:
     or a run folder (the newest checkpoint of `run/stage`)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist; pass a run folder (e.g. runs/default), a "
-                              f"stage folder (runs/default/{stage}) or a checkpoint folder (.../ckpt-0002000)")
+        raise CheckpointError(f"checkpoint path {path} does not exist; pass a run folder (e.g. runs/cpu), a "
+                              f"stage folder (runs/cpu/{stage}) or a checkpoint folder (.../ckpt-0002000)")
     if (path / "state.json").is_file():
         return path
     for candidate in (path, path / stage):

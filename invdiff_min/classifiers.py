@@ -16,6 +16,9 @@ from torch import nn
 from .checkpoint import fingerprint, load_state_into, load_tensors, read_json, save_tensors, write_json
 
 
+MIN_IMAGES = 10                  # a classifier is trained on 80% of them and checked on the rest
+
+
 class SmallCNN(nn.Module):
     """(N, C, H, W) images in [0, 1] -> (N, num_outputs) logits; three conv stages, global average pooling."""
 
@@ -51,8 +54,8 @@ def train_classifier(images: torch.Tensor, targets: torch.Tensor, num_outputs: i
     if images.ndim != 4 or len(images) != len(targets):
         raise ValueError(f"need images (N, C, H, W) and targets (N,), got {tuple(images.shape)} and "
                          f"{tuple(targets.shape)}")
-    if len(images) < 10:
-        raise ValueError(f"need at least 10 images to train and check a classifier, got {len(images)}")
+    if len(images) < MIN_IMAGES:
+        raise ValueError(f"need at least {MIN_IMAGES} images to train and check a classifier, got {len(images)}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     perm = torch.randperm(len(images), generator=g)

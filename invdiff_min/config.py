@@ -208,6 +208,55 @@ def _fit(value, hint, where: str):
     raise ValueError(f"{where}: {json.dumps(value)} is not a {getattr(hint, '__name__', None) or hint}")
 
 
+# ----- the numbers a run may be given, checked once the config is assembled (flags, --set, presets) -------
+MAX_STEPS = 10_000_000                     # beyond any run this project is meant for; catches 1e12 typos
+MAX_SIDE = 512                             # activations grow with the square of the side: 512 already needs GBs
+MAX_SAMPLES = 10_000_000
+FLAG = {"train.steps": "--steps", "head.steps": "--head-steps", "train.lr": "--lr", "head.lr": "--head-lr",
+        "data.resolution": "--resolution", "data.num_samples": "--num-samples", "data.seed": "--data-seed",
+        "data.aligned_fraction": "--aligned-fraction", "train.seed": "--seed"}
+RANGES = {  # "section.field": (low, high, why); ints unless the default is a float
+    "train.steps": (1, MAX_STEPS, "training steps"), "head.steps": (1, MAX_STEPS, "training steps"),
+    "train.batch_size": (1, 65_536, "images per step"), "head.batch_size": (1, 65_536, "images per step"),
+    "losses.batch_size": (1, 65_536, "images per network call"), "losses.num_draws": (1, 10_000, "draws M"),
+    "train.checkpoint_every": (1, MAX_STEPS, "steps"), "head.checkpoint_every": (1, MAX_STEPS, "steps"),
+    "train.lr": (1e-12, 1.0, "a learning rate"), "head.lr": (1e-12, 1.0, "a learning rate"),
+    "train.ema_decay": (0.0, 1.0, "an EMA decay"), "head.ema_decay": (0.0, 1.0, "an EMA decay"),
+    "train.p_uncond": (0.0, 1.0, "a probability"), "head.lam": (0.0, 1e6, "lambda of L_e"),
+    "groups.top_fraction": (1e-6, 0.999999, "a share of each class"), "groups.num_groups": (1, 100_000, "groups"),
+    "data.resolution": (8, MAX_SIDE, "the image side; memory grows with its square"),
+    "data.num_samples": (2, MAX_SAMPLES, "training images"), "eval.n_per_class": (1, 100_000, "samples per class"),
+    "eval.num_steps": (1, 100_000, "sampling steps"), "eval.strength": (0.0, 20.0, "the guidance strength w"),
+    "eval.guidance_scale": (0.0, 50.0, "the CFG scale"), "data.aligned_fraction": (0.0, 1.0, "a share"),
+    **{f"{s}.seed": (0, 2**31 - 1, "a seed") for s in ("data", "train", "losses", "groups", "head", "eval")},
+}
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse a number no run can use, naming the field (and its flag) and the range with its reason; and
+    the combinations that cannot work (an image side the UNet cannot halve, a t window outside [0, T))."""
+    for key, (low, high, why) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or not math.isfinite(value) or not low <= value <= high:
+            where = f"{key}" + (f" ({FLAG[key]})" if key in FLAG else "")
+            span = f"{low:,}, {high:,}" if isinstance(low, int) and isinstance(high, int) else f"{low:g}, {high:g}"
+            raise ValueError(f"{where} must be a number in [{span}] ({why}), got {value!r}")
+    f = cfg.unet.downsample_factor
+    if cfg.data.resolution % f:
+        raise ValueError(f"data.resolution (--resolution) {cfg.data.resolution} must be a multiple of {f}: the UNet "
+                         f"halves the image {len(cfg.unet.block_out_channels) - 1} times")
+    T = cfg.diffusion.num_train_timesteps
+    window = cfg.losses.t_window
+    if window is not None and not (len(window) == 2 and 0 <= window[0] < window[1] <= T):
+        raise ValueError(f"losses.t_window must be [lo, hi) with 0 <= lo < hi <= {T}, got {list(window)}")
+    if cfg.eval.num_steps > T:
+        raise ValueError(f"eval.num_steps must be at most the {T} training timesteps, got {cfg.eval.num_steps}")
+
+
 def _tiny() -> RunConfig:
     """CI-sized: every stage runs in seconds; the images are not meant to look like anything."""
     return RunConfig(

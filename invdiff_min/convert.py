@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .checkpoint import list_checkpoints, load_state_into, load_unet, non_finite, save_checkpoint
+from .errors import exit_on_error
 from .scheduler import BETA_SCHEDULES, DDPMScheduler
 from .unet import UNet, UNetConfig
 
@@ -488,36 +489,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", help="diffusers folder (config.json + diffusion_pytorch_model.*) or original-DDPM file")
     parser.add_argument("out", help="new folder to write the checkpoint into (e.g. runs/cifar10-converted)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    try:
-        if list_checkpoints(out):
-            raise ConversionError(f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}); "
-                                  f"pass a new folder or delete that one first")
-        source = read_source(args.src)
-        model = build(source)
-    except (OSError, ValueError) as e:   # ConversionError, CheckpointError, FileNotFoundError
-        raise SystemExit(f"error: {e}") from None
+    with exit_on_error():                  # ConversionError, CheckpointError, OSError: one line `error: ...`
+        write_converted(args.src, Path(args.out))
 
+
+def write_converted(src: str | Path, out: Path) -> Path:
+    """Convert `src` into a new checkpoint folder `out` (ckpt-0000000) and check that the written checkpoint,
+    rebuilt from its files alone, computes what the converted model does. Returns the checkpoint folder."""
+    if list_checkpoints(out):
+        raise ConversionError(f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}); "
+                              f"pass a new folder or delete that one first")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} is a file; pass a new folder to write the checkpoint into")
+    source = read_source(src)
+    model = build(source)
     state = {"config": {"preset": "converted", "unet": source.config.to_dict(), "diffusion": source.diffusion,
-                        "source": str(args.src), "format": source.format},
+                        "source": str(src), "format": source.format},
              "weights_used": source.weights}
     ckpt = save_checkpoint(out, 0, {"model": model.state_dict()}, state)
-    print(f"wrote {ckpt} from {args.src} ({source.format} format, {source.weights}); "
-          f"schedule from {source.diffusion_from}")
-
-    # numeric check: the written checkpoint, rebuilt from its files alone, computes what the converted model does
+    print(f"wrote {ckpt} from {src} ({source.format} format, {source.weights}); schedule from {source.diffusion_from}")
     try:
         reloaded, _, _ = load_unet(out, weights="model")
     except ValueError as e:   # CheckpointError: the file just written does not read back
-        raise SystemExit(f"error: the checkpoint just written does not load: {e}") from None
+        raise ConversionError(f"the checkpoint just written does not load: {e}") from None
     x, t, y = check_input(source.config, torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (reloaded(x, t, y) - model(x, t, y)).abs().max().item()
     if not diff <= 1e-6:
-        raise SystemExit(f"error: the checkpoint in {ckpt} does not reproduce the converted model "
-                         f"(max abs diff {diff:.3g}); delete it and report the bug")
+        raise ConversionError(f"the checkpoint in {ckpt} does not reproduce the converted model (max abs diff "
+                              f"{diff:.3g}); delete it and report the bug")
     print(f"check: reloaded checkpoint matches the converted model (max abs diff {diff:.1g} on a random "
           f"{tuple(x.shape)} batch)")
+    return ckpt
 
 
 if __name__ == "__main__":

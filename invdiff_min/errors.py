@@ -3,8 +3,9 @@
 Inside the library a problem with the input raises an exception whose message names the file or the flag,
 what is wrong and the fix (ValueError and its kinds: CheckpointError, DatasetFormatError, RunFolderError, ...;
 FileNotFoundError and its kind DatasetLayoutError; ImportError for a missing optional package). At the entry
-point (each script's `main`) `exit_on_error` turns those, and the I/O, decode and allocation errors of the system, into one line,
-`error: ...`, and exit status 1, instead of a traceback. `INVDIFF_DEBUG=1` shows the traceback instead.
+point (each script's `main`) `exit_on_error` turns those, and the I/O, decode and allocation errors of the
+system, into one line, `error: ...`, and exit status 1, instead of a traceback. `INVDIFF_DEBUG=1` shows the
+traceback instead.
 """
 from __future__ import annotations
 

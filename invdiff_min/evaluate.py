@@ -122,6 +122,20 @@ def judge(images: torch.Tensor, labels: torch.Tensor) -> dict:
     return SHAPES_JUDGE(images, labels)
 
 
+def check_judgeable(splits: DataSplits) -> None:
+    """Refuse, before any training, a dataset whose evaluation could not run at the end: without an exact reader
+    its judges are small CNNs trained on the balanced eval split, which needs a few images."""
+    from .classifiers import MIN_IMAGES
+
+    spec, ev = splits.spec, splits.eval
+    if (spec.read_class is None or spec.read_attribute is None) and len(ev) < MIN_IMAGES:
+        per_cell = len(ev) // max(1, ev.num_classes * ev.num_attributes)
+        raise ValueError(f"the balanced eval split of {spec.name} holds {len(ev)} images ({per_cell} per (class, "
+                         f"attribute) cell), but its judges (small CNNs) need at least {MIN_IMAGES} to train and "
+                         f"check; "
+                         f"raise it with --set data.eval_per_group=N or add images to the dataset")
+
+
 def make_judge(splits: DataSplits, folder=None, device="cpu", steps: int = 400) -> Judge:
     """The judge of a dataset: its exact readers where its spec has them, else small CNNs trained on the
     balanced eval split and cached in `folder` (e.g. RUN/judges), whose held-out accuracy is in `Judge.how` and

@@ -37,6 +37,7 @@ from .checkpoint import (fingerprint, list_checkpoints, load_checkpoint, load_un
                          write_json)
 from .convert import (DIFFUSERS_FIXED, DIFFUSERS_TO_OURS, DOWN_BLOCKS, SCHEDULER_FIXED, UP_BLOCKS, check_input,
                       convert, diffusion_from_scheduler_config)
+from .errors import exit_on_error
 from .guidance import InvariantGuidance, load_head
 from .unet import UNet, UNetConfig
 
@@ -321,10 +322,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="guidance strength w recorded in invdiff.json (default: the run's eval.strength)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier export")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error():                  # ExportError, CheckpointError, ConversionError, OSError: one line
         manifest, diffs = export_run(args.run, args.out, args.weights, args.head, args.strength, args.overwrite)
-    except (OSError, ValueError) as e:   # ExportError, CheckpointError, ConversionError, FileNotFoundError
-        raise SystemExit(f"error: {e}") from None
     head = (f"head {manifest['head']} in {args.out}/guidance_head ({manifest['mode']}, w = {manifest['strength']})"
             if manifest["guidance_head"] else "no head")
     print(f"wrote {args.out}: base ({manifest['base_weights']} weights) in unet/, scheduler/, {head}; see README.md")

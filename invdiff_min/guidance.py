@@ -1,5 +1,10 @@
 """Stages C and D of InvDiff: the invariant guidance head G_psi, its objective L_e, and the guided model.
 
+Where these sit in the paper (arXiv 2412.08480, Fig. 1): stage C is the "minimize L_e" step of the max-min
+game, after "potential bias annotation inference" (stage B, groups.py) has maximised it over the groups; stage
+D samples with the mean shift the trained G_psi adds to the reverse process. Official code:
+src/train_text_to_image.py (L_e) and src/model/epsilon_with_delta.py (the guided model).
+
 Guided noise prediction (ours, the paper's mean shift), with the base eps_theta frozen:
     eps_hat(x_t, t, y) = eps_theta(x_t, t, y) + w * G_psi(x_t, t, Phi(y))
 w = 1 in training; at sampling w = 0 is exactly the base model and w > 1 extrapolates. G_psi is a small UNet
@@ -24,13 +29,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .groups import group_risks
 from .checkpoint import CheckpointError, fingerprint, load_checkpoint, load_state_into, load_tensors
+from .groups import group_risks
 from .unet import UNet, UNetConfig, count_parameters
 
 
 class InvariantGuidance(nn.Module):
-    """G_psi(x_t, t, Phi(y)): a small UNet plus its own label embedding Phi."""
+    """G_psi(x_t, t, Phi(y)): a small UNet plus its own label embedding Phi.
+
+    deviation (official code): its "lightweight" module is a full copy of the base UNet reading the base's own
+    text embedding; here G_psi is ~21% of the base with its own Phi(y), as the paper describes (`copy_of` keeps
+    the official variant)."""
 
     def __init__(self, net_config: UNetConfig, num_classes: int):
         super().__init__()
@@ -94,22 +103,24 @@ class GuidedModel(nn.Module):
             return eps
         g = self.head(x, t, y)
         cond = (y != self.base.null_label).to(g.dtype).view(-1, 1, 1, 1)   # no guidance on the null label
-        if self.mode == "additive":
-            return eps + self.strength * cond * g
+        if self.mode == "additive":   # deviation (official: r G + (1 - r) eps_theta, r = 0.5): starts at the base
+            return eps + self.strength * cond * g                         # eps_theta + w G_psi
         r = self.strength * self.mix_ratio * cond
         return r * g + (1 - r) * eps
 
 
-def invariant_loss(losses: torch.Tensor, weights: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_e = mean_g R_g + lam * Var_g R_g over the groups present in the batch (float32).
+def invariant_loss(losses: torch.Tensor, assignments: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_e = mean_g R_g + lam * Var_g R_g over the groups present in the batch (float32): the paper's debiasing
+    objective, V-REx (Krueger et al. 2021) on the denoising loss.
 
-    losses (B,) per-sample l_i; weights (B, G) soft group weights of the batch's samples.
+    losses (B,) per-sample l_i; assignments (B, G) the soft group assignment W of the batch's samples.
     Returns (L_e, R) with R the risks of the present groups."""
-    if losses.ndim != 1 or weights.ndim != 2 or weights.shape[0] != losses.shape[0]:
-        raise ValueError(f"need losses (B,) and weights (B, G), got {tuple(losses.shape)} and {tuple(weights.shape)}")
-    losses, weights = losses.float(), weights.float()
-    present = weights.sum(0) > 1e-8                                # groups with samples in this batch, (G,)
-    risks = group_risks(weights[:, present], losses)               # R_g, (G_present,)
+    if losses.ndim != 1 or assignments.ndim != 2 or assignments.shape[0] != losses.shape[0]:
+        raise ValueError(f"need losses (B,) and assignments (B, G), got {tuple(losses.shape)} and "
+                         f"{tuple(assignments.shape)}")
+    losses, assignments = losses.float(), assignments.float()
+    present = assignments.sum(0) > 1e-8                            # groups with samples in this batch, (G,)
+    risks = group_risks(assignments[:, present], losses)           # R_g = sum_i W_ig l_i / sum_i W_ig, (G_present,)
     variance = ((risks - risks.mean()) ** 2).mean()                # deviation: population variance (official: N-1)
     return risks.mean() + lam * variance, risks
 
@@ -120,26 +131,29 @@ class GroupBatchSampler:
     uniform:  i ~ U{0..N-1} (the official way);
     balanced: each group g with sum_i W_ig > 0 gets B / G_present slots (remainder spread at random), filled
               by drawing i with probability W_ig / sum_j W_jg (soft groups are sampled by their weights).
+              deviation: the official code draws uniform batches; with a 5% minority split over groups, each
+              minority group then has ~1.6 samples per batch and L_e barely moves (INVDIFF.md, measured).
     `sample` also returns each sample's slot: its position within its group's block (balanced) or within the
     batch (uniform). Samples of different groups that share a slot can share one (t, eps) draw, so that
-    R_g - R_g' compares groups on the same noise instead of on different t (a paired design, see train.py).
+    R_g - R_g' compares groups on the same noise instead of on different t (a paired design, see
+    pipeline.train_head).
     Randomness comes from the generator passed to `sample`, so a step's batch depends on (seed, step) only."""
 
-    def __init__(self, weights: torch.Tensor, batch_size: int, mode: str = "balanced"):
+    def __init__(self, assignments: torch.Tensor, batch_size: int, mode: str = "balanced"):
         if mode not in ("balanced", "uniform"):
             raise ValueError(f"batch sampling must be 'balanced' or 'uniform', got {mode!r}")
-        self.weights, self.batch_size, self.mode = weights.float(), batch_size, mode
-        self.groups = (self.weights.sum(0) > 0).nonzero().squeeze(1)
+        self.assignments, self.batch_size, self.mode = assignments.float(), batch_size, mode   # W (N, G)
+        self.groups = (self.assignments.sum(0) > 0).nonzero().squeeze(1)
 
     def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (indices (B,), slots (B,))."""
-        n, b = self.weights.shape[0], self.batch_size
+        n, b = self.assignments.shape[0], self.batch_size
         if self.mode == "uniform":
             return torch.randint(0, n, (b,), generator=generator), torch.arange(b)
         k = len(self.groups)
         counts = torch.full((k,), b // k)
         counts[torch.randperm(k, generator=generator)[: b % k]] += 1
-        idx = [torch.multinomial(self.weights[:, g], int(c), replacement=True, generator=generator)
+        idx = [torch.multinomial(self.assignments[:, g], int(c), replacement=True, generator=generator)
                for g, c in zip(self.groups.tolist(), counts.tolist()) if c > 0]
         return torch.cat(idx), torch.cat([torch.arange(int(c)) for c in counts.tolist() if c > 0])
 

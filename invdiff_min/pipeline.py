@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import amp
 from . import distributed as dist
-from .checkpoint import CheckpointError, fingerprint, list_checkpoints, load_state_into, load_tensors, load_unet
-from .checkpoint import save_tensors, write_json
+from .checkpoint import fingerprint, list_checkpoints, load_state_into, load_tensors, load_unet
+from .checkpoint import read_json_object, save_tensors, write_json
 from .version import __version__
 from .config import DiffusionConfig, RunConfig
 from .data import BiasedDataset, DataSplits, from_model_range, to_model_range
@@ -36,7 +35,8 @@ from .groups import (auto_t_window, check_group_index, class_topk_groups, group_
 from .guidance import GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, invariant_loss, load_head
 from .metrics import auroc, bias_score, minority_share
 from .plots import save_grid, save_loss_curve, save_loss_histogram
-from .runs import GROUPS_FILES, LOSSES_FILES, complete, discard_replaced, resume_stage, save_stage
+from .progress import progress_bar
+from .runs import GROUPS_FILES, LOSSES_FILES, MetricsLog, complete, discard_replaced, resume_stage, save_stage
 from .scheduler import DDPMScheduler
 from .unet import UNet, UNetConfig, count_parameters
 
@@ -57,10 +57,6 @@ def _check_finite(loss: torch.Tensor, what: str, step: int, stage_dir: Path, fla
         raise TrainingDiverged(f"non-finite {what} {loss.item()} at {stage_dir.name} step {step}; the last good "
                                f"checkpoint is kept in {stage_dir}. Resume it with a lower rate: --resume {flag} "
                                f"{lr / 2:g} (now {lr})")
-
-
-def _progress(desc: str, start: int, total: int, show: bool):
-    return tqdm(range(start, total), desc=desc, disable=not show or not dist.is_main(), initial=start, total=total)
 
 
 # ----- A. the biased base model ---------------------------------------------------------------------------
@@ -88,7 +84,8 @@ def train_base(cfg: RunConfig, data: BiasedDataset, device: torch.device, stage_
     if start < train.steps:
         dist.print0(f"[base] UNet with {count_parameters(model):,} parameters, {len(data)} images, device {device}"
                     + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
-    bar = _progress("A. base model", start, train.steps, progress)
+    bar = progress_bar("A. base model", start, train.steps, progress and dist.is_main())
+    log = MetricsLog(stage_dir, start) if dist.is_main() else None
     for step in bar:
         g = step_generator(train.seed, step)
         # dropout masks: one stream per process (under torchrun), the same as ever in one process
@@ -108,10 +105,13 @@ def train_base(cfg: RunConfig, data: BiasedDataset, device: torch.device, stage_
         update_ema(ema, model, train.ema_decay)                      # identical weights -> identical EMA
         history[step] = loss_all.item()
         bar.set_postfix(loss=f"{history[max(0, step - 49):step + 1].mean():.4f}")
+        if log:
+            log.add(step + 1, loss=history[step].item(), lr=opt.param_groups[0]["lr"])
         if (step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps:
             if dist.is_main():
                 save_stage(stage_dir, step + 1, {"model": model, "ema": ema}, opt, history,
                            {"config": cfg.to_dict()}, fault_hook)
+                log.flush()
             dist.barrier()                                           # the others wait until it is on disk
     dist.check_replicas("base", model, ema)
     final = list_checkpoints(stage_dir)[-1]
@@ -285,7 +285,7 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     base_id = fingerprint(base.state_dict())
     torch.manual_seed(settings.seed)                                # the head's initial weights
     head = build_head(cfg, base).to(device)
-    head_ema = copy.deepcopy(head).requires_grad_(False)            # the weights that sample (EMA)
+    head_ema = copy.deepcopy(head).requires_grad_(False)    # samples; deviation: official samples raw weights
     opt = torch.optim.AdamW(head.parameters(), lr=settings.lr)
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
     batches = GroupBatchSampler(assignments, settings.batch_size, settings.batch_sampling)
@@ -305,7 +305,8 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
         size = head_size(head, base)
         dist.print0(f"[{name}] head G_psi with {size.head:,} parameters ({size.ratio:.0%} of the base), "
                     f"{assignments.shape[1]} groups, {settings.batch_sampling} batches, lambda {settings.lam}")
-    bar = _progress(f"C. head ({name})", start, settings.steps, progress)
+    bar = progress_bar(f"C. head ({name})", start, settings.steps, progress and dist.is_main())
+    log = MetricsLog(stage_dir, start) if dist.is_main() else None
     for step in bar:
         g = step_generator(settings.seed + 7, step)
         idx, slots = batches.sample(g)                               # the global batch, same on every rank
@@ -331,11 +332,14 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
         update_ema(head_ema, head, settings.ema_decay)
         history[step] = loss.item()
         bar.set_postfix(L_e=f"{history[max(0, step - 49):step + 1].mean():.4f}")
+        if log:
+            log.add(step + 1, loss=history[step].item(), lr=opt.param_groups[0]["lr"])
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             if dist.is_main():
                 save_stage(stage_dir, step + 1, modules, opt, history,
                            {"config": cfg.to_dict(), "base_checkpoint": base_source, "base_fingerprint": base_id,
                             "groups": name, "head_net": head.net.config.to_dict()}, fault_hook)
+                log.flush()
             dist.barrier()                                           # the others wait until it is on disk
     dist.check_replicas(name, head, head_ema)
     if start < settings.steps and dist.is_main():
@@ -412,10 +416,11 @@ def summary_table(summary: dict) -> str:
 
 
 # ----- the run folder: every stage in turn -----------------------------------------------------------------
-def run_record(argv: list[str], device) -> dict:
-    """What config.json records beside the config: the command, the versions, the device."""
+def run_record(argv: list[str], device, data: BiasedDataset) -> dict:
+    """What config.json records beside the config: the command, the versions, the device, the class names."""
     return {"command": ["train.py", *argv], "torch": torch.__version__, "invdiff_min": __version__,
-            "python": platform.python_version(), "platform": platform.platform(), "device": str(device)}
+            "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+            "class_names": list(data.class_names)}
 
 
 def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device, stage: str = "all",
@@ -490,7 +495,7 @@ def save_losses(run_dir: Path, losses: PerSampleLosses, base_ckpt: Path) -> None
 
 
 def load_losses(run_dir: Path) -> PerSampleLosses:
-    info = read_json_dict(run_dir / "losses.json")
+    info = read_json_object(run_dir / "losses.json")
     saved = load_tensors(run_dir / "losses.safetensors")
     return PerSampleLosses(saved["loss"], saved["index"], tuple(info["t_window"]), info)
 
@@ -512,16 +517,5 @@ def save_groups(run_dir: Path, groups: Groups, data: BiasedDataset, losses: torc
 
 def load_groups(run_dir: Path) -> Groups:
     saved = load_tensors(run_dir / "groups.safetensors")
-    info = read_json_dict(run_dir / "groups.json")
+    info = read_json_object(run_dir / "groups.json")
     return Groups(saved["weights"], saved["index"], info.get("method", "?"), info)
-
-
-def read_json_dict(path: Path) -> dict:
-    """A JSON object written by a stage; anything else is a damaged file, named with its fix."""
-    from .checkpoint import read_json
-
-    value = read_json(path)
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} does not hold the JSON object its stage writes; delete it and run that stage "
-                              f"again (--resume recomputes a stage whose files are incomplete)")
-    return value

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from .checkpoint import (CheckpointError, list_checkpoints, load_state_into, load_tensors, optimizer_from_tensors,
-                         optimizer_to_tensors, read_json, save_checkpoint)
+                         optimizer_to_tensors, read_json_object, read_state, save_checkpoint)
 
 STAGES = ("base", "losses", "groups", "head", "eval")
 LOSSES_FILES = ("losses.json", "losses.safetensors")          # written in this order; complete when all exist
@@ -115,8 +116,8 @@ def start_run(run_dir: Path, config: dict, record: dict, *, resume: bool, overwr
     cfg_file, moved = run_dir / "config.json", None
     config = json.loads(json.dumps(config))
     if cfg_file.is_file() and resume:
-        saved = read_json(cfg_file)
-        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        saved = read_json_object(cfg_file, "restore it, or start a new run with --out NEW_FOLDER")
+        if not isinstance(saved.get("config"), dict):
             raise CheckpointError(f"{cfg_file} is not a run config (no 'config' object); restore it, or start a new "
                                   f"run with --out NEW_FOLDER")
         changed = config_changes(saved["config"], config)
@@ -152,7 +153,7 @@ def resume_stage(stage_dir: Path, modules: dict[str, torch.nn.Module], opt: torc
     if not ckpts:
         return 0, {}
     ckpt = ckpts[-1]
-    state = read_json(ckpt / "state.json")
+    state = read_state(ckpt)                             # valid, unedited (checkpoint.read_state)
     for key, value in (expect or {}).items():
         if state.get(key) != value:
             raise CheckpointError(f"{ckpt} was trained with another {key} ({state.get(key)} vs {value}); train "
@@ -173,3 +174,35 @@ def save_stage(stage_dir: Path, step: int, modules: dict[str, torch.nn.Module], 
     tensors = {**{name: m.state_dict() for name, m in modules.items()}, "optimizer": opt_tensors,
                "history": {"loss": history}}
     return save_checkpoint(stage_dir, step, tensors, {**state, "optimizer": opt_meta}, fault_hook=fault_hook)
+
+
+class MetricsLog:
+    """STAGE/metrics.jsonl: one JSON line per training step ({"step", "loss", "lr", "seconds"}) that any plotting
+    tool can read. Lines are written with each checkpoint, so the log always matches the newest checkpoint;
+    a resumed stage first drops the lines past the step it resumes from."""
+
+    def __init__(self, stage_dir: Path, start: int):
+        self.path, self.pending = stage_dir / "metrics.jsonl", []
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    break                                  # a line cut by a crash: it and what follows go
+                if not isinstance(entry, dict) or not 0 < entry.get("step", 0) <= start:
+                    break
+                kept.append(entry)
+        self.seconds = kept[-1]["seconds"] if kept else 0.0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        self.t0 = time.time()
+
+    def add(self, step: int, **values) -> None:
+        """Record the values of training step `step` (1-based: the step just done)."""
+        self.pending.append({"step": step, **values, "seconds": round(self.seconds + time.time() - self.t0, 3)})
+
+    def flush(self) -> None:
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(e) + "\n" for e in self.pending))
+        self.pending = []

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]            # the checkout (tests import ROOT from here)
 
 
 def run_script(name: str, argv: list[str]) -> int:

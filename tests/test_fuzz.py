@@ -1,4 +1,5 @@
-"""Fuzzing the public entry points (the UNet's boundary check, schedulers, metrics) with random shapes, dtypes, labels and timesteps.
+"""Fuzzing the public entry points (the UNet's boundary check, schedulers, metrics) with random shapes, dtypes,
+labels and timesteps.
 
 The property, for every call: an input with no problem gives a finite result of the right shape; an input
 with a problem raises a ValueError from our own guard rails (never a traceback from deep inside torch) whose

@@ -57,7 +57,7 @@ def test_invariant_loss_matches_hand_computation_with_an_empty_group():
     # R_0 = (0.5 + 1.5 + 6) / 2 = 4;  R_1 = (0.5 + 1.5 + 2) / 2 = 2;  L_e = 3 + 2 * 1
     assert invariant_loss(losses, soft, lam=2.0)[0].item() == pytest.approx(5.0)
     assert invariant_loss(losses, torch.ones(4, 1), lam=5.0)[0].item() == pytest.approx(3.0)  # uniform control
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="assignments"):
         invariant_loss(losses, torch.ones(3, 2), 1.0)
 
 

@@ -1,0 +1,177 @@
+"""The Python API: a trained run (or a converted checkpoint) as one object that samples the way diffusers'
+pipelines are called, and judges what it sampled.
+
+    from invdiff_min import InvDiffPipeline
+    pipe = InvDiffPipeline.from_pretrained("runs/cpu")                 # base + the invdiff head, the run's w
+    out = pipe(class_labels=[0, 0, 1, 1], generator=torch.Generator().manual_seed(0))
+    out.images                                                          # (4, 3, H, W) in [0, 1]
+    pipe(class_labels=[1] * 8, strength=0.0, output_type="pil").images  # the base model alone, PIL images
+    pipe.evaluate(out.images, out.labels)                               # Bias, fidelity, ... (the run's judge)
+
+Conventions (as everywhere in this project): `strength` is InvDiff's w (eps_theta + w G_psi; 0 = the base
+model, 1 = as trained); `guidance_scale` is classifier-free guidance's s (1 = plain conditional, 0 =
+unconditional). Unset sampler, step count and strength follow the run's evaluation settings, so a plain call
+samples the way the run's summary was measured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, list_checkpoints, load_unet, read_json_object
+from .data import from_model_range
+from .diffusion import make_sampler, sample
+from .guidance import GuidedModel, InvariantGuidance, load_head
+from .unet import UNet
+
+OUTPUT_TYPES = ("pt", "np", "pil")
+
+
+@dataclass
+class InvDiffOutput:
+    """What a call returns: `images` in the requested type ("pt": a (N, C, H, W) tensor in [0, 1]; "np": an
+    (N, H, W, C) float array in [0, 1]; "pil": a list of PIL images) and the class of each (-1: unconditional)."""
+    images: object
+    labels: torch.Tensor
+
+
+def find_run_dir(path: Path) -> Path | None:
+    """The run folder above a checkpoint (the one holding config.json), if any."""
+    for p in [path, *path.parents]:
+        if (p / "config.json").is_file():
+            return p
+    return None
+
+
+class InvDiffPipeline:
+    """A base model eps_theta, optionally a guidance head G_psi, and how to sample them (module docstring)."""
+
+    def __init__(self, base: UNet, head: InvariantGuidance | None, diffusion: dict, *, strength: float = 1.0,
+                 mode: str = "additive", mix_ratio: float = 0.5, sampler: str = "ddim", num_inference_steps: int = 50,
+                 config: dict | None = None, run_dir: Path | None = None, class_names: list[str] | None = None):
+        self.base, self.head, self.diffusion = base, head, dict(diffusion)
+        self.class_names = class_names or [f"class{c}" for c in range(base.config.num_classes or 0)]
+        self.strength, self.mode, self.mix_ratio = strength, mode, mix_ratio
+        self.sampler, self.num_inference_steps = sampler, num_inference_steps
+        self.config, self.run_dir = config or {}, run_dir
+        self._judge = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.conv_in.weight.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.base.config.num_classes or 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, head: str | None = "invdiff", weights: str = "ema",
+                        device: str | torch.device = "cpu") -> "InvDiffPipeline":
+        """Load a run folder made by train.py (its base model and the named head: invdiff, oracle, uniform, or
+        None for the base alone), a stage or checkpoint folder, or a converted checkpoint. Every file is checked
+        as it is read (checkpoint.py); a head trained on another base is refused."""
+        path = Path(path)
+        base, state, ckpt = load_unet(path, device, weights=weights)
+        run_dir = find_run_dir(path)
+        config = state.get("config", {})
+        record = read_json_object(run_dir / "config.json") if run_dir else {}
+        run_eval = record.get("config", {}).get("eval", {})
+        trained = None
+        if head is not None and run_dir is not None and list_checkpoints(run_dir / head):
+            trained, _ = load_head(run_dir / head, base, device)
+        elif head not in (None, "invdiff"):
+            raise CheckpointError(f"no trained head {head!r} under {run_dir or path}; train it with python train.py "
+                                  f"--compare, or pass head=None")
+        head_cfg = config.get("head", {})
+        return cls(base, trained, config["diffusion"], strength=float(run_eval.get("strength", 1.0)),
+                   mode=head_cfg.get("mode", "additive"), mix_ratio=head_cfg.get("mix_ratio", 0.5),
+                   sampler=run_eval.get("sampler", "ddim"), num_inference_steps=run_eval.get("num_steps", 50),
+                   config=config, run_dir=run_dir, class_names=record.get("class_names"))
+
+    def model(self, strength: float | None = None) -> GuidedModel:
+        """eps_theta + w G_psi as one callable (w = 0 or no head: the base model alone)."""
+        w = self.strength if strength is None else float(strength)
+        return GuidedModel(self.base, self.head if w else None, w, self.mode, self.mix_ratio)
+
+    @torch.no_grad()
+    def __call__(self, class_labels=None, num_images: int | None = None, strength: float | None = None,
+                 guidance_scale: float = 1.0, sampler: str | None = None, num_inference_steps: int | None = None,
+                 eta: float = 0.0, generator: torch.Generator | None = None, output_type: str = "pt",
+                 batch_size: int = 500) -> InvDiffOutput:
+        """Sample one image per entry of `class_labels` (a class-conditional model), or `num_images` images of an
+        unconditional one. Noise comes from `generator` (CPU), so a seed gives the same images on any device."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if self.num_classes:
+            if class_labels is None:
+                raise ValueError(f"this model is class-conditional: pass class_labels, e.g. [0, 1] (classes "
+                                 f"0..{self.num_classes - 1})")
+            labels = torch.as_tensor(class_labels).reshape(-1).long()
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"class_labels must lie in 0..{self.num_classes - 1}, got {labels.tolist()}")
+        else:
+            if class_labels is not None or not num_images or num_images < 1:
+                raise ValueError("this model is unconditional: pass num_images=N (and no class_labels)")
+            labels = torch.full((num_images,), -1)
+        scheduler = make_sampler(sampler or self.sampler, self.diffusion).to(self.device)
+        steps = num_inference_steps or self.num_inference_steps
+        side, channels = self.config.get("data", {}).get("resolution", self.base.config.sample_size), \
+            self.base.config.in_channels
+        model = self.model(strength)
+        out = []
+        for start in range(0, len(labels), batch_size):
+            y = labels[start:start + batch_size]
+            x = sample(model, scheduler, (len(y), channels, side, side), y if self.num_classes else None, steps,
+                       guidance_scale=guidance_scale, null_label=self.base.null_label, eta=eta, generator=generator,
+                       device=self.device)
+            out.append(from_model_range(x).cpu())
+        images = torch.cat(out) if out else torch.zeros(0, channels, side, side)
+        return InvDiffOutput(convert_images(images, output_type), labels)
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Bias, minority and attribute shares, fidelity and quality distances of `images` (N, C, H, W) in [0, 1]
+        requested as `labels`, judged by the run's judge (`judge()`)."""
+        return self.judge()(images, labels)
+
+    def judge(self):
+        """The run's judge (evaluate.Judge): its dataset's exact readers or small CNNs cached in RUN/judges; built
+        on first use."""
+        if self._judge is None:
+            if self.run_dir is None or "data" not in self.config:
+                raise ValueError("evaluate needs a model inside a train.py run folder (it judges by the run's data)")
+            from .config import RunConfig
+            from .data import load_splits
+            from .evaluate import make_judge
+
+            cfg = RunConfig.from_dict(self.config)
+            self._judge = make_judge(load_splits(cfg.data), self.run_dir / "judges", self.device,
+                                     cfg.eval.judge_steps)
+        return self._judge
+
+
+def convert_images(images: torch.Tensor, output_type: str):
+    """(N, C, H, W) in [0, 1] as "pt" (itself), "np" ((N, H, W, C) float32 array) or "pil" (list of RGB images)."""
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+    return [Image.fromarray((a * 255).round().clip(0, 255).astype("uint8")) for a in array]
+
+
+def save_png_folder(folder: str | Path, images: torch.Tensor, labels: torch.Tensor,
+                    class_names: list[str] | None = None) -> list[Path]:
+    """One PNG per image, named CLASS_INDEX.png (e.g. disc_0007.png; 'image' for unconditional samples), for
+    quality tools that read folders. Returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, label) in enumerate(zip(convert_images(images, "pil"), labels.tolist())):
+        name = "image" if label < 0 else (class_names[label] if class_names else f"class{label}")
+        path = folder / f"{name}_{i:04d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,66 @@
+"""The Python API (invdiff_min.InvDiffPipeline): README's example runs as written, the API samples exactly what
+the evaluation and sample.py sample, and a training stage logs metrics.jsonl that a resume keeps consistent."""
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from invdiff_min import InvDiffPipeline
+from invdiff_min.evaluate import generate
+from invdiff_min.guidance import GuidedModel
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A folder holding runs/tiny, made by the command README gives."""
+    home = tmp_path_factory.mktemp("api")
+    assert run_script("train.py", ["--preset", "tiny", "--out", home / "runs" / "tiny", "--no-progress"]) == 0
+    return home
+
+
+def test_the_readme_example_runs_as_written(runs, monkeypatch, capsys):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- api-example.*?-->\n```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(runs)
+    exec(compile(block, "README.md (api example)", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "torch.Size([4, 3, 16, 16]) [0, 0, 1, 1]" in printed
+
+
+def test_the_api_samples_what_the_evaluation_samples(runs):
+    pipe = InvDiffPipeline.from_pretrained(runs / "runs" / "tiny")
+    labels = torch.arange(2).repeat_interleave(3)
+    out = pipe(class_labels=labels, strength=2.0, generator=torch.Generator().manual_seed(5))
+    expected, _ = generate(GuidedModel(pipe.base, pipe.head, 2.0), pipe.diffusion, 3, 2, (3, 16, 16),
+                           pipe.sampler, pipe.num_inference_steps, seed=5)
+    assert torch.equal(out.images, expected) and out.labels.tolist() == labels.tolist()
+    np_images = pipe(class_labels=[1], output_type="np", generator=torch.Generator().manual_seed(0)).images
+    pil = pipe(class_labels=[1], output_type="pil", generator=torch.Generator().manual_seed(0)).images
+    assert np_images.shape == (1, 16, 16, 3) and pil[0].size == (16, 16)
+    assert pipe.class_names == ["disc", "square"]
+    with pytest.raises(ValueError, match="class_labels must lie in 0..1"):
+        pipe(class_labels=[2])
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(class_labels=[0], output_type="jpg")
+
+
+def test_stages_log_metrics_jsonl_consistent_with_the_checkpoint(runs):
+    lines = [json.loads(s) for s in (runs / "runs" / "tiny" / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines] == list(range(1, 31))
+    assert all({"loss", "lr", "seconds"} <= set(e) for e in lines)
+    head = (runs / "runs" / "tiny" / "invdiff" / "metrics.jsonl").read_text().splitlines()
+    assert len(head) == 20
+
+
+def test_progress_to_a_file_is_a_few_plain_lines(tmp_path):
+    import subprocess
+    import sys
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:                        # stdout and stderr a file, as in `train.py > run.log 2>&1`
+        r = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--out", str(tmp_path / "r"),
+                            "--stage", "base"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert r.returncode == 0 and "\r" not in text, text[-2000:]
+    assert len([s for s in text.splitlines() if s.startswith("A. base model:")]) == 10

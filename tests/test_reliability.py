@@ -1,0 +1,182 @@
+"""Nothing lost, nothing silently wrong, nothing hangs: the command line under hostile input.
+
+Each test names a way the project could lose a run or a dataset, keep a half-written stage, or fail late or with
+a traceback; the command must refuse at once with one line (`error: ...`) that names the problem and the fix,
+before anything is written, moved or deleted. The data loaders' own attacks are in test_data_safety.py, the
+checkpoint files' in test_integrity.py.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+from invdiff_min import pipeline
+
+
+def fails_with(script, argv, *messages):
+    with pytest.raises(SystemExit) as exit_:
+        run_script(script, argv)
+    text = exit_.value.code
+    assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text, text
+    for m in messages:
+        assert m in text, (m, text)
+    return text
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its bytes: equal snapshots mean nothing was touched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A tiny run that has finished its base stage."""
+    out = tmp_path_factory.mktemp("rel") / "run"
+    assert run_script("train.py", ["--preset", "tiny", "--out", out, "--stage", "base", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rel") / "full"
+    assert run_script("train.py", ["--preset", "tiny", "--out", out, "--no-progress"]) == 0
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+def image_folder(root: Path, per_cell: int = 6) -> Path:
+    """A small `folder` dataset: 2 classes x 2 bias values, solid colours, a metadata.csv."""
+    from PIL import Image
+    root.mkdir(parents=True)
+    rows = ["file,y,bias"]
+    for y in range(2):
+        for b in range(2):
+            for k in range(per_cell * (3 if b == y else 1)):
+                name = f"{y}{b}_{k}.png"
+                Image.new("RGB", (8, 8), (40 + 150 * b, 60 + 100 * y, 9 * k % 250)).save(root / name)
+                rows.append(f"{name},{y},{b}")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+# ----- data loss ------------------------------------------------------------------------------------------
+def test_overwrite_with_a_mistyped_base_checkpoint_leaves_the_run_untouched(base_run, tmp_path):
+    run = copy_of(base_run, tmp_path)
+    before = snapshot(run)
+    fails_with("train.py", ["--preset", "tiny", "--out", run, "--overwrite", "--base", tmp_path / "typo"], "typo")
+    assert snapshot(run) == before
+
+
+def test_overwrite_of_a_later_stage_alone_is_refused_before_anything_moves(base_run, tmp_path):
+    run = copy_of(base_run, tmp_path)
+    before = snapshot(run)
+    fails_with("train.py", ["--preset", "tiny", "--out", run, "--overwrite", "--stage", "head"],
+               "--stage head needs", "--overwrite would start")
+    assert snapshot(run) == before and not (tmp_path / f".{run.name}.replaced").exists()
+
+
+@pytest.mark.parametrize("where", ["is", "holds", "lies inside"])
+def test_an_out_folder_that_is_holds_or_lies_inside_the_data_root_is_refused(where, tmp_path):
+    data = image_folder(tmp_path / "parent" / "data")
+    out = {"is": data, "holds": data.parent, "lies inside": data / "run"}[where]
+    before = snapshot(tmp_path)
+    fails_with("train.py", ["--preset", "tiny", "--dataset", "folder", "--data-root", data, "--out", out,
+                            "--overwrite"], f"{where} the data root")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_folder_that_is_not_a_run_is_never_written_into_or_replaced(tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("precious")
+    for flags in ([], ["--overwrite"]):
+        fails_with("train.py", ["--preset", "tiny", "--out", mine, *flags], "not a run of invdiff-min")
+    assert snapshot(mine) == {"chapter1.tex": b"precious"}
+
+
+def test_overwrite_keeps_the_old_run_aside_until_the_new_run_has_finished_a_stage(base_run, tmp_path, monkeypatch):
+    run = copy_of(base_run, tmp_path)
+    before = snapshot(run)
+    aside = tmp_path / f".{run.name}.replaced"
+    real = pipeline.training_loss
+    monkeypatch.setattr(pipeline, "training_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    fails_with("train.py", ["--preset", "tiny", "--out", run, "--overwrite", "--stage", "base"], "non-finite loss")
+    assert snapshot(aside) == before                              # the old run survives the failed command
+    fails_with("train.py", ["--preset", "tiny", "--out", run, "--overwrite"], f"mv {aside}")   # and is not lost
+    monkeypatch.undo()
+    shutil.rmtree(run)
+    aside.rename(run)                                             # restored as the message says
+    assert snapshot(run) == before
+    assert run_script("train.py", ["--preset", "tiny", "--out", run, "--overwrite", "--stage", "base", "--seed",
+                                   "3", "--no-progress"]) == 0
+    assert not aside.exists()                                     # the new run has a stage: the old one is gone
+    assert json.loads((run / "config.json").read_text())["config"]["train"]["seed"] == 3
+
+
+# ----- stages written as sets -------------------------------------------------------------------------------
+@pytest.mark.parametrize("lost", ["groups_hist.png", "groups.json", "losses.safetensors"])
+def test_a_stage_killed_between_its_files_is_completed_on_resume(full_run, tmp_path, lost):
+    run = copy_of(full_run, tmp_path)
+    (run / lost).unlink()
+    stage = "losses" if lost.startswith("losses") else "groups"
+    assert run_script("train.py", ["--preset", "tiny", "--out", run, "--resume", "--stage", stage,
+                                   "--no-progress"]) == 0
+    assert (run / lost).is_file()
+
+
+# ----- refused at once, with one line ---------------------------------------------------------------------
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "1000000000000"], "train.steps (--steps) must be a number in [1, 10,000,000]"),
+    (["--resolution", "100000"], "memory grows with its square"),
+    (["--resolution", "18", "--set", "unet.block_out_channels=[16,32,32]", "--set",
+      "unet.attention_levels=[false,false,false]"], "must be a multiple of 4"),
+    (["--seed", "99999999999999999999"], "(--seed) must be a number in [0, 2,147,483,647]"),
+    (["--set", "head.lam=-1"], "head.lam must be a number in [0, 1e+06]"),
+    (["--set", "head.lamda=2"], "no field 'lamda' in head; fields: "),
+    (["--set", "losses.num_draws=many"], "--set losses.num_draws: \"many\" is not a int"),
+    (["--set", "losses.t_window=[900,1200]"], "losses.t_window must be [lo, hi) with 0 <= lo < hi <= 1000"),
+])
+def test_numbers_no_run_can_use_are_refused_before_any_work(flags, message, tmp_path):
+    fails_with("train.py", ["--preset", "tiny", "--out", tmp_path / "x", *flags], message)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_small_folder_dataset_is_refused_before_training_not_at_the_evaluation(tmp_path):
+    data = image_folder(tmp_path / "data", per_cell=4)
+    fails_with("train.py", ["--preset", "tiny", "--dataset", "folder", "--data-root", data, "--out", tmp_path / "x",
+                            "--set", "data.eval_per_group=1"], "--set data.eval_per_group=N", "at least 10")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_run_config_of_the_wrong_kind_is_named_by_every_script(base_run, tmp_path):
+    run = copy_of(base_run, tmp_path)
+    (run / "config.json").write_text("[1, 2, 3]")
+    fails_with("train.py", ["--preset", "tiny", "--out", run, "--resume"], "config.json", "holds a JSON list")
+    fails_with("sample.py", ["--ckpt", run, "--out", tmp_path / "s"], "config.json", "holds a JSON list")
+    (run / "config.json").write_text("{not json")
+    fails_with("sample.py", ["--ckpt", run, "--out", tmp_path / "s"], "config.json", "not valid JSON")
+
+
+def test_sample_refuses_an_out_that_is_a_file_before_sampling(base_run, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    fails_with("sample.py", ["--ckpt", base_run, "--out", tmp_path / "taken"], "is a file")
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_invdiff_debug_shows_the_traceback_at_every_entry_point(base_run, tmp_path, monkeypatch):
+    from invdiff_min import convert, export
+    fails_with("sample.py", ["--ckpt", tmp_path / "nowhere", "--out", tmp_path / "s"], "nowhere")
+    monkeypatch.setenv("INVDIFF_DEBUG", "1")
+    with pytest.raises(ValueError, match="nowhere"):               # the exception itself, not SystemExit
+        run_script("sample.py", ["--ckpt", tmp_path / "nowhere", "--out", tmp_path / "s"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_script("train.py", ["--preset", "huge", "--out", tmp_path / "x"])
+    with pytest.raises(FileNotFoundError):
+        convert.main([str(tmp_path / "nowhere"), str(tmp_path / "c")])
+    with pytest.raises(ValueError):
+        export.main([str(tmp_path / "nowhere"), str(tmp_path / "e")])
