@@ -94,7 +94,8 @@ def sample_run(args) -> int:
                                            pick_device(args.device))
     # unset sampler, steps and strength follow the run's evaluation settings: a plain `sample.py --ckpt RUN`
     # samples the way RUN's summary was measured
-    args.sampler, args.steps = args.sampler or pipe.sampler, args.steps or pipe.num_inference_steps
+    args.sampler = args.sampler or pipe.sampler
+    args.steps = pipe.num_inference_steps if args.steps is None else args.steps
     T = pipe.diffusion["num_train_timesteps"]
     if not 1 <= args.steps <= T:
         raise ValueError(f"--steps must be in [1, {T}], got {args.steps}")

@@ -115,8 +115,10 @@ class InvDiffPipeline:
             if class_labels is not None or not num_images or num_images < 1:
                 raise ValueError("this model is unconditional: pass num_images=N (and no class_labels)")
             labels = torch.full((num_images,), -1)
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         scheduler = make_sampler(sampler or self.sampler, self.diffusion).to(self.device)
-        steps = num_inference_steps or self.num_inference_steps
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps   # 0 is refused
         side, channels = self.config.get("data", {}).get("resolution", self.base.config.sample_size), \
             self.base.config.in_channels
         model = self.model(strength)

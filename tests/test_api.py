@@ -44,6 +44,10 @@ def test_the_api_samples_what_the_evaluation_samples(runs):
         pipe(class_labels=[2])
     with pytest.raises(ValueError, match="output_type"):
         pipe(class_labels=[0], output_type="jpg")
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer in"):
+        pipe(class_labels=[0], num_inference_steps=0)            # refused, not replaced by the default
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        pipe(class_labels=[0], batch_size=0)
 
 
 def test_stages_log_metrics_jsonl_consistent_with_the_checkpoint(runs):
