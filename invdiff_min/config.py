@@ -65,7 +65,8 @@ class LossConfig:
 
 @dataclass
 class GroupConfig:
-    """Stage B, part 2: bias-annotation inference (maximise L_e over the soft assignment W)."""
+    """Stage B, part 2: bias-annotation inference, the paper's "maximize L_e" over the assignment W: the
+    groups that spread the group risks R_g most (its variance term)."""
     method: str = "class_topk"             # "class_topk" (our default: per-class high-loss group) or "official"
     top_fraction: float = 0.05             # class_topk: share of each class put in its high-loss group
     num_groups: int = 8                    # official: G (8 or 16 in the released scripts)

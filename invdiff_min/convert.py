@@ -337,22 +337,22 @@ def read_diffusers(folder: Path) -> Source:
 # Where each block lives: original-DDPM key prefix -> our module path. `{up}` is levels - 1 - i: the original
 # keeps its up list in resolution order (up.0 is the full-resolution level), ours in execution order
 # (up_blocks.0 is the lowest resolution), so up.{i} is our up_blocks.{levels - 1 - i}.
-ORIGINAL_DDPM_BLOCKS = [
-    (r"temb\.dense\.0",                 "time_embedding.linear_1"),
-    (r"temb\.dense\.1",                 "time_embedding.linear_2"),
-    (r"conv_in",                        "conv_in"),
-    (r"down\.(\d+)\.block\.(\d+)",      r"down_blocks.\1.resnets.\2"),
-    (r"down\.(\d+)\.attn\.(\d+)",       r"down_blocks.\1.attentions.\2"),
-    (r"down\.(\d+)\.downsample\.conv",  r"down_blocks.\1.downsamplers.0.conv"),
-    (r"mid\.block_1",                   "mid_block.resnets.0"),
-    (r"mid\.attn_1",                    "mid_block.attentions.0"),
-    (r"mid\.block_2",                   "mid_block.resnets.1"),
-    (r"up\.(\d+)\.block\.(\d+)",        r"up_blocks.{up}.resnets.\2"),
-    (r"up\.(\d+)\.attn\.(\d+)",         r"up_blocks.{up}.attentions.\2"),
-    (r"up\.(\d+)\.upsample\.conv",      r"up_blocks.{up}.upsamplers.0.conv"),
-    (r"norm_out",                       "conv_norm_out"),
-    (r"conv_out",                       "conv_out"),
-]
+ORIGINAL_DDPM_BLOCKS = [tuple(row.split()) for row in r"""
+    temb\.dense\.0                 time_embedding.linear_1
+    temb\.dense\.1                 time_embedding.linear_2
+    conv_in                        conv_in
+    down\.(\d+)\.block\.(\d+)      down_blocks.\1.resnets.\2
+    down\.(\d+)\.attn\.(\d+)       down_blocks.\1.attentions.\2
+    down\.(\d+)\.downsample\.conv  down_blocks.\1.downsamplers.0.conv
+    mid\.block_1                   mid_block.resnets.0
+    mid\.attn_1                    mid_block.attentions.0
+    mid\.block_2                   mid_block.resnets.1
+    up\.(\d+)\.block\.(\d+)        up_blocks.{up}.resnets.\2
+    up\.(\d+)\.attn\.(\d+)         up_blocks.{up}.attentions.\2
+    up\.(\d+)\.upsample\.conv      up_blocks.{up}.upsamplers.0.conv
+    norm_out                       conv_norm_out
+    conv_out                       conv_out
+""".strip().splitlines()]
 # Layer names inside a block: original -> ours (norm1, conv1, norm2, conv2 are the same).
 ORIGINAL_DDPM_LAYERS = {
     "temb_proj": "time_emb_proj",        # ResNet: time embedding projection

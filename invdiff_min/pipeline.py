@@ -7,7 +7,7 @@ together over a run folder (each stage resumes from, or skips to, what the folde
     C. train_head       the invariant guidance head G_psi, trained with L_e over the groups      -> InvariantGuidance
     D. evaluate         sample base and guided model with the same seeds, judge Bias and quality -> summary dict
 
-The stage letters are the ones of INVDIFF.md and of every file here. Under torchrun each process runs the
+The stage letters are the ones of README, the tutorials and every file here. Under torchrun each process runs the
 same code: every random draw is made for the global batch (the same numbers one process would draw) and each
 rank computes its slice (`distributed.py`); rank 0 alone prints and writes files.
 """
@@ -25,7 +25,6 @@ from . import amp
 from . import distributed as dist
 from .checkpoint import fingerprint, list_checkpoints, load_state_into, load_tensors, load_unet
 from .checkpoint import read_json_object, save_tensors, write_json
-from .version import __version__
 from .config import DiffusionConfig, RunConfig
 from .data import BiasedDataset, DataSplits, from_model_range, to_model_range
 from .diffusion import denoising_loss, lr_at, make_sampler, sample, training_loss, update_ema
@@ -39,6 +38,7 @@ from .progress import progress_bar
 from .runs import GROUPS_FILES, LOSSES_FILES, MetricsLog, complete, discard_replaced, resume_stage, save_stage
 from .scheduler import DDPMScheduler
 from .unet import UNet, UNetConfig, count_parameters
+from .version import __version__
 
 HEADS = ("invdiff", "oracle", "uniform")      # inferred groups; hidden (y, b) cells (upper bound); one group
 
@@ -57,6 +57,44 @@ def _check_finite(loss: torch.Tensor, what: str, step: int, stage_dir: Path, fla
         raise TrainingDiverged(f"non-finite {what} {loss.item()} at {stage_dir.name} step {step}; the last good "
                                f"checkpoint is kept in {stage_dir}. Resume it with a lower rate: --resume {flag} "
                                f"{lr / 2:g} (now {lr})")
+
+
+@dataclass
+class StepRecorder:
+    """What both training loops do once their loss is computed: refuse a non-finite loss, take the optimiser
+    step, update the EMA, record the loss (history, progress, metrics.jsonl) and checkpoint every `every`
+    steps (rank 0 writes, the others wait)."""
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    grad_clip: float
+    ema_decay: float
+    stage_dir: Path
+    history: torch.Tensor
+    every: int
+    lr_flag: str                               # the flag that lowers this stage's learning rate on --resume
+    lr: float                                  # the configured rate (the message suggests half of it)
+    what: str                                  # the loss's name in messages and on the progress bar
+    bar: object = None
+    log: MetricsLog | None = None
+
+    def step(self, step: int, loss: torch.Tensor, logged: torch.Tensor, save) -> None:
+        """`loss` is backpropagated, `logged` (the global batch's) is checked and recorded; `save()` writes
+        the checkpoint of step + 1."""
+        lr = self.opt.param_groups[0]["lr"]                          # this step's rate (schedule included)
+        _check_finite(logged, self.what, step, self.stage_dir, self.lr_flag, self.lr)
+        amp.optimizer_step(loss, self.opt, self.model.parameters(), self.grad_clip, self.scaler)
+        update_ema(self.ema, self.model, self.ema_decay)            # identical weights -> identical EMA
+        self.history[step] = logged.item()
+        self.bar.set_postfix(**{self.what.split()[0]: f"{self.history[max(0, step - 49):step + 1].mean():.4f}"})
+        if self.log:
+            self.log.add(step + 1, loss=self.history[step].item(), lr=lr)
+        if (step + 1) % self.every == 0 or step + 1 == len(self.history):
+            if dist.is_main():
+                save()
+                self.log.flush()
+            dist.barrier()                                           # the others wait until it is on disk
 
 
 # ----- A. the biased base model ---------------------------------------------------------------------------
@@ -84,9 +122,11 @@ def train_base(cfg: RunConfig, data: BiasedDataset, device: torch.device, stage_
     if start < train.steps:
         dist.print0(f"[base] UNet with {count_parameters(model):,} parameters, {len(data)} images, device {device}"
                     + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
-    bar = progress_bar("A. base model", start, train.steps, progress and dist.is_main())
-    log = MetricsLog(stage_dir, start) if dist.is_main() else None
-    for step in bar:
+    recorder = StepRecorder(model, ema, opt, scaler, train.grad_clip, train.ema_decay, stage_dir, history,
+                            train.checkpoint_every, "--lr", train.lr, "loss",
+                            progress_bar("A. base model", start, train.steps, progress and dist.is_main()),
+                            MetricsLog(stage_dir, start) if dist.is_main() else None)
+    for step in recorder.bar:
         g = step_generator(train.seed, step)
         # dropout masks: one stream per process (under torchrun), the same as ever in one process
         torch.manual_seed((train.seed * 1_000_003 + step) * dist.world_size() + dist.rank())
@@ -99,20 +139,9 @@ def train_base(cfg: RunConfig, data: BiasedDataset, device: torch.device, stage_
             x0 = x0.contiguous(memory_format=torch.channels_last)
         with amp.autocast(device, train.precision):
             loss = training_loss(net, scheduler, x0, y, g, train.p_uncond, model.null_label, rows)  # this rank's
-        loss_all = dist.mean(loss.detach())                          # the global batch's loss, on every rank
-        _check_finite(loss_all, "loss", step, stage_dir, "--lr", train.lr)
-        amp.optimizer_step(loss, opt, model.parameters(), train.grad_clip, scaler)
-        update_ema(ema, model, train.ema_decay)                      # identical weights -> identical EMA
-        history[step] = loss_all.item()
-        bar.set_postfix(loss=f"{history[max(0, step - 49):step + 1].mean():.4f}")
-        if log:
-            log.add(step + 1, loss=history[step].item(), lr=opt.param_groups[0]["lr"])
-        if (step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps:
-            if dist.is_main():
-                save_stage(stage_dir, step + 1, {"model": model, "ema": ema}, opt, history,
-                           {"config": cfg.to_dict()}, fault_hook)
-                log.flush()
-            dist.barrier()                                           # the others wait until it is on disk
+        recorder.step(step, loss, dist.mean(loss.detach()),           # the global batch's loss, on every rank
+                      lambda: save_stage(stage_dir, step + 1, {"model": model, "ema": ema}, opt, history,
+                                         {"config": cfg.to_dict()}, fault_hook))
     dist.check_replicas("base", model, ema)
     final = list_checkpoints(stage_dir)[-1]
     if start < train.steps and dist.is_main():
@@ -305,9 +334,13 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
         size = head_size(head, base)
         dist.print0(f"[{name}] head G_psi with {size.head:,} parameters ({size.ratio:.0%} of the base), "
                     f"{assignments.shape[1]} groups, {settings.batch_sampling} batches, lambda {settings.lam}")
-    bar = progress_bar(f"C. head ({name})", start, settings.steps, progress and dist.is_main())
-    log = MetricsLog(stage_dir, start) if dist.is_main() else None
-    for step in bar:
+    recorder = StepRecorder(head, head_ema, opt, scaler, settings.grad_clip, settings.ema_decay, stage_dir, history,
+                            settings.checkpoint_every, "--head-lr", settings.lr, f"L_e (lambda {settings.lam})",
+                            progress_bar(f"C. head ({name})", start, settings.steps, progress and dist.is_main()),
+                            MetricsLog(stage_dir, start) if dist.is_main() else None)
+    state = {"config": cfg.to_dict(), "base_checkpoint": base_source, "base_fingerprint": base_id, "groups": name,
+             "head_net": head.net.config.to_dict()}
+    for step in recorder.bar:
         g = step_generator(settings.seed + 7, step)
         idx, slots = batches.sample(g)                               # the global batch, same on every rank
         # paired draws (deviation: not in the paper): the j-th sample of every group gets the j-th (t, eps), so
@@ -327,20 +360,8 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
         # rank backpropagates the same L_e, the gather's backward hands each rank the sum over the W ranks of
         # dL_e/dl_i (W dL_e/dl_i) for its own samples, and DDP's average over ranks divides by W again.
         loss, _ = invariant_loss(dist.all_gather_cat(losses), w, settings.lam)   # L_e, the same on every rank
-        _check_finite(loss, f"L_e (lambda {settings.lam})", step, stage_dir, "--head-lr", settings.lr)
-        amp.optimizer_step(loss, opt, head.parameters(), settings.grad_clip, scaler)
-        update_ema(head_ema, head, settings.ema_decay)
-        history[step] = loss.item()
-        bar.set_postfix(L_e=f"{history[max(0, step - 49):step + 1].mean():.4f}")
-        if log:
-            log.add(step + 1, loss=history[step].item(), lr=opt.param_groups[0]["lr"])
-        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            if dist.is_main():
-                save_stage(stage_dir, step + 1, modules, opt, history,
-                           {"config": cfg.to_dict(), "base_checkpoint": base_source, "base_fingerprint": base_id,
-                            "groups": name, "head_net": head.net.config.to_dict()}, fault_hook)
-                log.flush()
-            dist.barrier()                                           # the others wait until it is on disk
+        recorder.step(step, loss, loss, lambda: save_stage(stage_dir, step + 1, modules, opt, history, state,
+                                                            fault_hook))
     dist.check_replicas(name, head, head_ema)
     if start < settings.steps and dist.is_main():
         save_loss_curve(stage_dir / "loss.png", history, f"L_e of the guidance head ({name})")
@@ -459,7 +480,7 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
             save_losses(run_dir, losses, base_ckpt)
         dist.barrier()
         stage_done()
-    if wanted("groups") and not complete(run_dir, GROUPS_FILES):     # cheap: rank 0 alone, the others wait
+    if wanted("groups") and not groups_current(run_dir):             # cheap: rank 0 alone, the others wait
         if dist.is_main():
             losses = load_losses(run_dir)
             save_groups(run_dir, infer_groups(cfg, data, losses), data, losses.loss)
@@ -513,6 +534,14 @@ def save_groups(run_dir: Path, groups: Groups, data: BiasedDataset, losses: torc
     r = groups.report
     print(f"[groups] {run_dir / 'groups.safetensors'}: sizes {[round(s) for s in r['sizes']]}, minority share per "
           f"group {[round(m, 2) for m in r['minority_share']]}, NMI {r['nmi']:.3f} (evaluation only)")
+
+
+def groups_current(run_dir: Path) -> bool:
+    """The groups' files are complete and were inferred from the losses now in the run folder."""
+    if not complete(run_dir, GROUPS_FILES):
+        return False
+    made_from = read_json_object(run_dir / "groups.json").get("losses_fingerprint")
+    return made_from == fingerprint({"l": load_losses(run_dir).loss})
 
 
 def load_groups(run_dir: Path) -> Groups:

@@ -24,6 +24,17 @@ def run_script(name: str, argv: list[str]) -> int:
     return 0
 
 
+def fails_with(script: str, argv, *messages) -> str:
+    """`python script argv` must exit with one line, 'error: ...', naming every message; returns it."""
+    with pytest.raises(SystemExit) as exit_:
+        run_script(script, argv)
+    text = exit_.value.code
+    assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text, text
+    for m in messages:
+        assert m in text, (m, text)
+    return text
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

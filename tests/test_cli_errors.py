@@ -6,22 +6,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import fails_with, run_script
 from invdiff_min import pipeline
 from invdiff_min.checkpoint import list_checkpoints, load_tensors, load_unet, save_tensors
 from invdiff_min.config import RunConfig
 from invdiff_min.data import load_splits
-
-
-def fails_with(script, argv, *messages):
-    """`python script argv` must exit with a one-line 'error: ...' naming every message."""
-    with pytest.raises(SystemExit) as exit_:
-        run_script(script, argv)
-    text = exit_.value.code
-    assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text, text
-    for m in messages:
-        assert m in text, (m, text)
-    return text
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+from conftest import fails_with, run_script
 from invdiff_min import pipeline
-
-
-def fails_with(script, argv, *messages):
-    with pytest.raises(SystemExit) as exit_:
-        run_script(script, argv)
-    text = exit_.value.code
-    assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text, text
-    for m in messages:
-        assert m in text, (m, text)
-    return text
 
 
 def snapshot(folder: Path) -> dict:
@@ -129,6 +119,18 @@ def test_a_stage_killed_between_its_files_is_completed_on_resume(full_run, tmp_p
     assert (run / lost).is_file()
 
 
+def test_groups_inferred_from_other_losses_are_inferred_again(full_run, tmp_path):
+    from invdiff_min.checkpoint import load_tensors, save_tensors
+    run = copy_of(full_run, tmp_path)
+    saved = load_tensors(run / "losses.safetensors")
+    save_tensors(run / "losses.safetensors", {"loss": saved["loss"].flip(0), "index": saved["index"]},
+                 {"t_window": "[400, 700]"})                           # the losses changed, the groups did not
+    before = (run / "groups.json").read_text()
+    assert run_script("train.py", ["--preset", "tiny", "--out", run, "--resume", "--stage", "groups",
+                                   "--no-progress"]) == 0
+    assert (run / "groups.json").read_text() != before
+
+
 # ----- refused at once, with one line ---------------------------------------------------------------------
 @pytest.mark.parametrize("flags,message", [
     (["--steps", "1000000000000"], "train.steps (--steps) must be a number in [1, 10,000,000]"),
@@ -180,3 +182,14 @@ def test_invdiff_debug_shows_the_traceback_at_every_entry_point(base_run, tmp_pa
         convert.main([str(tmp_path / "nowhere"), str(tmp_path / "c")])
     with pytest.raises(ValueError):
         export.main([str(tmp_path / "nowhere"), str(tmp_path / "e")])
+
+
+def test_set_reaches_any_config_field_and_the_run_records_it(tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", ["--preset", "tiny", "--out", out, "--stage", "base", "--no-progress",
+                                   "--set", "train.steps=2", "--set", "head.lam=2.5",
+                                   "--set", "losses.t_window=[500,800]", "--set", "head.block_out_channels=[8,16]",
+                                   "--set", "groups.method=official"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["train"]["steps"] == 2 and cfg["head"]["lam"] == 2.5 and cfg["losses"]["t_window"] == [500, 800]
+    assert cfg["head"]["block_out_channels"] == [8, 16] and cfg["groups"]["method"] == "official"
