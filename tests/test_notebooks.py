@@ -3,9 +3,10 @@
 Each notebook is executed in a fresh kernel in fast mode (INVDIFF_FAST=1: the notebooks shrink their data,
 models and step counts; the pictures are not meant to look like anything), so the whole file takes about
 two minutes on 2 CPU cores. Any error in any cell fails the test. The committed notebooks hold the outputs of
-the normal mode (`python tutorials/build_notebooks.py --execute`); those must contain a figure, no error,
-and stay small enough to read on GitHub.
+the normal mode (`python tutorials/build_notebooks.py --execute`); those must contain a figure, no error, come
+from the committed library (its hash in the notebook's metadata), and stay small enough to read on GitHub.
 """
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,24 @@ def test_committed_outputs_show_a_figure_and_no_error(path):
         f"python tutorials/build_notebooks.py --execute {path.name[:2]}")
     size = path.stat().st_size
     assert size < MAX_BYTES, f"{path.name} is {size / 1e6:.2f} MB; keep it under 1 MB (lower the figures' dpi)"
+
+
+def library_sha256() -> str:
+    """The hash build_notebooks.py records when it executes a notebook (metadata invdiff_min.library_sha256)."""
+    h = hashlib.sha256()
+    root = TUTORIALS.parent
+    for f in sorted((root / "invdiff_min").rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_outputs_come_from_the_committed_library(path):
+    """A library change means executing the notebooks again: their outputs must be what this code prints."""
+    recorded = nbformat.read(path, as_version=4).metadata.get("invdiff_min", {}).get("library_sha256")
+    assert recorded == library_sha256(), (
+        f"{path.name} was executed with another version of invdiff_min; run "
+        f"OMP_NUM_THREADS=1 python tutorials/build_notebooks.py --execute {path.name[:2]}")
 
 
 @pytest.fixture(scope="session")
