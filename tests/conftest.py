@@ -24,6 +24,15 @@ def run_script(name: str, argv: list[str]) -> int:
     return 0
 
 
+def tiny_diffusers_unet():
+    """A small diffusers UNet2DModel (two levels, attention at the second), seed 0: the stand-in pretrained model."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None)
+
+
 def fails_with(script: str, argv, *messages) -> str:
     """`python script argv` must exit with one line, 'error: ...', naming every message; returns it."""
     with pytest.raises(SystemExit) as exit_:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import tiny_diffusers_unet
 from invdiff_min.checkpoint import (CheckpointError, list_checkpoints, load_state_into, load_tensors, load_unet,
                                     read_json, save_checkpoint, save_tensors)
 from invdiff_min.config import get_preset
@@ -145,11 +146,7 @@ def test_checkpoints_record_every_file_sha256_and_old_ones_without_still_load(tm
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A small diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors)."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = diffusers.UNet2DModel(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None)
+    model = tiny_diffusers_unet()
     folder = tmp_path_factory.mktemp("pretrained")
     model.save_pretrained(folder)
     return folder

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_script
+from conftest import run_script, tiny_diffusers_unet
 from invdiff_min import pipeline
 from invdiff_min.checkpoint import list_checkpoints, load_tensors
 from invdiff_min.config import get_preset
@@ -113,11 +113,7 @@ def test_bad_command_lines_give_one_line_errors(args, message, tmp_path):
 
 
 def test_init_from_converted_weights_starts_exactly_at_the_pretrained_model(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    ref = diffusers.UNet2DModel(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None)
+    ref = tiny_diffusers_unet()
     ref.save_pretrained(tmp_path / "pretrained")
     r = run("-m", "invdiff_min.convert", str(tmp_path / "pretrained"), str(tmp_path / "converted"))
     assert r.returncode == 0, r.stderr[-2000:]
