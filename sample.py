@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from invdiff_min import amp
 from invdiff_min.checkpoint import save_tensors, write_json
 from invdiff_min.config import pick_device
 from invdiff_min.errors import exit_on_error
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
                    help="which head of the run folder: invdiff | oracle | uniform | none")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="base weights to sample with")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="network calls: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), bf16, or fp32 "
+                        "(exact)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--evaluate", action="store_true",
                    help="also judge the samples: metrics.json and report.png (a model inside a run folder)")
@@ -92,6 +96,7 @@ def sample_run(args) -> int:
     check_arguments(args)
     pipe = InvDiffPipeline.from_pretrained(args.ckpt, None if args.head == "none" else args.head, args.weights,
                                            pick_device(args.device))
+    pipe.precision, _ = amp.resolve(args.precision, pipe.device)
     # unset sampler, steps and strength follow the run's evaluation settings: a plain `sample.py --ckpt RUN`
     # samples the way RUN's summary was measured
     args.sampler = args.sampler or pipe.sampler

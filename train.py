@@ -50,7 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="base model learning rate (may change on --resume)")
     p.add_argument("--head-lr", type=float, default=None, help="guidance head learning rate (may change on --resume)")
     p.add_argument("--precision", default=None, choices=tuple(amp.PRECISIONS),
-                   help="CUDA autocast: bf16 (default), fp16 with loss scaling, or fp32")
+                   help="network calls: auto (default: bf16 on CUDA and on CPUs with native bf16, else fp32), "
+                        "bf16, fp16 (CUDA, loss scaling) or fp32 (exact)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory layout (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks being trained")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the dataset (selection, colours)")
@@ -135,6 +136,7 @@ def train(argv: list[str]) -> int:
     check_run_folder(run_dir, resume=args.resume, overwrite=args.overwrite, data_root=cfg.data.data_root,
                      stage=args.stage, has_base=base_path is not None, heads=heads)
     device = dist.init(pick_device(args.device))   # under torchrun: join the others; cuda:LOCAL_RANK on CUDA
+    cfg.train.precision, why = amp.resolve(cfg.train.precision, device)   # "auto" made concrete, recorded
     try:
         if not dist.is_main():
             dist.barrier()                          # rank 0 first: a real dataset decodes and caches once
@@ -145,6 +147,7 @@ def train(argv: list[str]) -> int:
             check_judgeable(splits)                 # now, not after every training stage has run
         data = splits.train
         cfg.unet.num_classes, cfg.unet.sample_size = data.num_classes, cfg.data.resolution
+        dist.print0(f"[precision] {cfg.train.precision} ({why})")
         dist.print0(f"[data] {cfg.data.name}: {len(data)} training images, {data.num_classes} classes "
                     f"{list(data.class_names)}, {data.num_attributes} attribute values (hidden)")
         replaced = None

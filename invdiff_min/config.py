@@ -43,7 +43,8 @@ class TrainConfig:
     p_uncond: float = 0.1                  # per-sample label dropout for classifier-free guidance
     checkpoint_every: int = 500
     init_from: str | None = None           # start from a converted checkpoint folder (python -m invdiff_min.convert)
-    precision: str = "bf16"                # CUDA autocast for base and head: bf16, fp16 (+ GradScaler) or fp32
+    precision: str = "auto"                # network calls of every stage: auto (bf16 on CUDA and on CPUs with
+    #                                        native bf16, else fp32), bf16, fp16 (CUDA, + GradScaler) or fp32 (exact)
     channels_last: bool = False            # channels_last memory layout (CUDA convolutions)
     compile: bool = False                  # torch.compile the networks being trained
     seed: int = 0
@@ -95,7 +96,8 @@ class HeadConfig:
     steps: int = 4500                      # chosen on data seeds 1, 2 (docs/tuning_head_steps.json); 1,500 left
     #                                        the head weak at w = 1, so w = 3 was needed and cost fidelity
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 1e-3                       # peak rate: linear warm-up, then cosine decay to 10% (as the base)
+    warmup_steps: int = 100
     grad_clip: float = 1.0
     checkpoint_every: int = 500
     seed: int = 0
@@ -218,6 +220,7 @@ FLAG = {"train.steps": "--steps", "head.steps": "--head-steps", "train.lr": "--l
         "data.aligned_fraction": "--aligned-fraction", "train.seed": "--seed"}
 RANGES = {  # "section.field": (low, high, why); ints unless the default is a float
     "train.steps": (1, MAX_STEPS, "training steps"), "head.steps": (1, MAX_STEPS, "training steps"),
+    "train.warmup_steps": (0, MAX_STEPS, "warm-up steps"), "head.warmup_steps": (0, MAX_STEPS, "warm-up steps"),
     "train.batch_size": (1, 65_536, "images per step"), "head.batch_size": (1, 65_536, "images per step"),
     "losses.batch_size": (1, 65_536, "images per network call"), "losses.num_draws": (1, 10_000, "draws M"),
     "train.checkpoint_every": (1, MAX_STEPS, "steps"), "head.checkpoint_every": (1, MAX_STEPS, "steps"),
@@ -269,7 +272,7 @@ def _tiny() -> RunConfig:
         losses=LossConfig(num_draws=2, batch_size=256, auto_window_draws=2, auto_window_samples=128),
         groups=GroupConfig(top_fraction=0.1, steps=50),
         head=HeadConfig(block_out_channels=(8, 16), attention_levels=(False, False), norm_num_groups=4, steps=20,
-                        batch_size=16, checkpoint_every=10),
+                        warmup_steps=5, batch_size=16, checkpoint_every=10),
         eval=EvalConfig(n_per_class=4, num_steps=5, judge_steps=40),
     )
 

@@ -107,7 +107,7 @@ def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], l
         elif guidance_scale == 0.0:
             eps = model(x, tt, null)
         else:  # one batched call for the conditional and unconditional branch
-            eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
+            eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).float().chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None
         if isinstance(scheduler, DDIMScheduler):
@@ -120,8 +120,8 @@ def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], l
 @torch.no_grad()
 def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """theta_ema <- decay * theta_ema + (1 - decay) * theta, parameter by parameter (buffers copied)."""
-    for ema_p, p in zip(ema_model.parameters(), model.parameters()):
-        ema_p.lerp_(p.detach(), 1 - decay)
+    # one fused call over all parameters (a per-parameter loop costs a kernel launch each on CUDA)
+    torch._foreach_lerp_(list(ema_model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
     for ema_b, b in zip(ema_model.buffers(), model.buffers()):
         ema_b.copy_(b)
 

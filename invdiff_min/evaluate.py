@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from . import amp
 from .data import ATTRIBUTE_NAMES, CLASS_NAMES, DataSplits, from_model_range, read_background, read_shape
 from .diffusion import make_sampler, sample
 from .guidance import GuidedModel
@@ -41,11 +42,13 @@ class SampleSettings:
     seed: int = 0
     device: object = "cpu"
     batch_size: int = 500
+    precision: str = "fp32"                      # autocast of the network calls (amp.py)
 
 
 def generate(model, diffusion_kwargs: dict, n_per_class: int, num_classes: int, image_shape: tuple[int, int, int],
              sampler: str = "ddim", num_steps: int = 25, guidance_scale: float = 1.0, eta: float = 0.0,
-             seed: int = 0, device="cpu", batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+             seed: int = 0, device="cpu", batch_size: int = 500,
+             precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [0, 1] (N, C, H, W), labels (N,)), class-major, deterministic given `seed`."""
     labels = torch.arange(num_classes).repeat_interleave(n_per_class)
     scheduler = make_sampler(sampler, diffusion_kwargs).to(device)
@@ -53,8 +56,9 @@ def generate(model, diffusion_kwargs: dict, n_per_class: int, num_classes: int, 
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size]
-        x = sample(model, scheduler, (len(y), *image_shape), y, num_steps, guidance_scale=guidance_scale,
-                   null_label=getattr(model, "null_label", None), eta=eta, generator=g, device=device)
+        with amp.autocast(device, precision):
+            x = sample(model, scheduler, (len(y), *image_shape), y, num_steps, guidance_scale=guidance_scale,
+                       null_label=getattr(model, "null_label", None), eta=eta, generator=g, device=device)
         out.append(from_model_range(x).cpu())
     return torch.cat(out), labels
 

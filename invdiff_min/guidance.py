@@ -97,11 +97,11 @@ class GuidedModel(nn.Module):
         return self.base.null_label
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad():                                 # the base only supplies eps_theta: no graph
             eps = self.base(x, t, y)
         if self.head is None or self.strength == 0.0 or y is None:
             return eps
-        g = self.head(x, t, y)
+        eps, g = eps.float(), self.head(x, t, y).float()      # the sum in float32 (bf16 autocast: 8-bit mantissa)
         cond = (y != self.base.null_label).to(g.dtype).view(-1, 1, 1, 1)   # no guidance on the null label
         if self.mode == "additive":   # deviation (official: r G + (1 - r) eps_theta, r = 0.5): starts at the base
             return eps + self.strength * cond * g                         # eps_theta + w G_psi

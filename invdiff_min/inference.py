@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import amp
 from .checkpoint import CheckpointError, list_checkpoints, load_unet, read_json_object
 from .data import from_model_range
 from .diffusion import make_sampler, sample
@@ -50,8 +51,11 @@ class InvDiffPipeline:
 
     def __init__(self, base: UNet, head: InvariantGuidance | None, diffusion: dict, *, strength: float = 1.0,
                  mode: str = "additive", mix_ratio: float = 0.5, sampler: str = "ddim", num_inference_steps: int = 50,
-                 config: dict | None = None, run_dir: Path | None = None, class_names: list[str] | None = None):
+                 config: dict | None = None, run_dir: Path | None = None, class_names: list[str] | None = None,
+                 precision: str = "auto"):
+        amp.check_precision(precision)
         self.base, self.head, self.diffusion = base, head, dict(diffusion)
+        self.precision = precision                 # network calls while sampling (amp.py); "fp32" is exact
         self.class_names = class_names or [f"class{c}" for c in range(base.config.num_classes or 0)]
         self.strength, self.mode, self.mix_ratio = strength, mode, mix_ratio
         self.sampler, self.num_inference_steps = sampler, num_inference_steps
@@ -125,9 +129,10 @@ class InvDiffPipeline:
         out = []
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size]
-            x = sample(model, scheduler, (len(y), channels, side, side), y if self.num_classes else None, steps,
-                       guidance_scale=guidance_scale, null_label=self.base.null_label, eta=eta, generator=generator,
-                       device=self.device)
+            with amp.autocast(self.device, self.precision):
+                x = sample(model, scheduler, (len(y), channels, side, side), y if self.num_classes else None,
+                           steps, guidance_scale=guidance_scale, null_label=self.base.null_label, eta=eta,
+                           generator=generator, device=self.device)
             out.append(from_model_range(x).cpu())
         images = torch.cat(out) if out else torch.zeros(0, channels, side, side)
         return InvDiffOutput(convert_images(images, output_type), labels)

@@ -14,6 +14,7 @@ rank computes its slice (`distributed.py`); rank 0 alone prints and writes files
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -52,18 +53,27 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def _check_finite(loss: torch.Tensor, what: str, step: int, stage_dir: Path, flag: str, lr: float) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(f"non-finite {what} {loss.item()} at {stage_dir.name} step {step}; the last good "
+def _check_finite(loss: float, what: str, step: int, stage_dir: Path, flag: str, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"non-finite {what} {loss} at {stage_dir.name} step {step}; the last good "
                                f"checkpoint is kept in {stage_dir}. Resume it with a lower rate: --resume {flag} "
                                f"{lr / 2:g} (now {lr})")
 
 
+def sync_every(device: torch.device) -> int:
+    """How often a training loop reads its loss on the host (StepRecorder): every step on the CPU."""
+    return 1 if device.type == "cpu" else 25
+
+
 @dataclass
 class StepRecorder:
-    """What both training loops do once their loss is computed: refuse a non-finite loss, take the optimiser
-    step, update the EMA, record the loss (history, progress, metrics.jsonl) and checkpoint every `every`
-    steps (rank 0 writes, the others wait)."""
+    """What both training loops do once their loss is computed: take the optimiser step, update the EMA, record
+    the loss (history, progress, metrics.jsonl), refuse a non-finite loss, and checkpoint every `every` steps
+    (rank 0 writes, the others wait).
+    The losses are read on the host every `sync_every` steps and before every checkpoint, not every step: a read
+    waits for the device, which on CUDA would keep the host from queueing the next steps (1 on the CPU, where
+    nothing runs ahead). A non-finite loss therefore stops training at the next read, before any checkpoint
+    could save weights it has touched, and the message names the step it happened at."""
     model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -78,23 +88,36 @@ class StepRecorder:
     what: str                                  # the loss's name in messages and on the progress bar
     bar: object = None
     log: MetricsLog | None = None
+    sync_every: int = 1
+    pending: list = field(default_factory=list)   # (step, loss on the device, lr, wall time) not yet read
 
     def step(self, step: int, loss: torch.Tensor, logged: torch.Tensor, save) -> None:
         """`loss` is backpropagated, `logged` (the global batch's) is checked and recorded; `save()` writes
         the checkpoint of step + 1."""
         lr = self.opt.param_groups[0]["lr"]                          # this step's rate (schedule included)
-        _check_finite(logged, self.what, step, self.stage_dir, self.lr_flag, self.lr)
         amp.optimizer_step(loss, self.opt, self.model.parameters(), self.grad_clip, self.scaler)
         update_ema(self.ema, self.model, self.ema_decay)            # identical weights -> identical EMA
-        self.history[step] = logged.item()
-        self.bar.set_postfix(**{self.what.split()[0]: f"{self.history[max(0, step - 49):step + 1].mean():.4f}"})
-        if self.log:
-            self.log.add(step + 1, loss=self.history[step].item(), lr=lr)
-        if (step + 1) % self.every == 0 or step + 1 == len(self.history):
+        self.pending.append((step, logged.detach(), lr, time.time()))
+        checkpoint = (step + 1) % self.every == 0 or step + 1 == len(self.history)
+        if checkpoint or (step + 1) % self.sync_every == 0:
+            self.read_losses()
+        if checkpoint:
             if dist.is_main():
                 save()
                 self.log.flush()
             dist.barrier()                                           # the others wait until it is on disk
+
+    def read_losses(self) -> None:
+        """One host read of the pending losses: check, record, show."""
+        values = torch.stack([v for _, v, _, _ in self.pending]).float().cpu().tolist()
+        for (step, _, lr, when), value in zip(self.pending, values):
+            _check_finite(value, self.what, step, self.stage_dir, self.lr_flag, self.lr)
+            self.history[step] = value
+            if self.log:
+                self.log.add(step + 1, when, loss=value, lr=lr)
+        last = self.pending[-1][0]
+        self.pending.clear()
+        self.bar.set_postfix(**{self.what.split()[0]: f"{self.history[max(0, last - 49):last + 1].mean():.4f}"})
 
 
 # ----- A. the biased base model ---------------------------------------------------------------------------
@@ -109,7 +132,8 @@ def train_base(cfg: RunConfig, data: BiasedDataset, device: torch.device, stage_
     if train.init_from:
         init_from_converted(model, train.init_from)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                            fused=device.type == "cuda")                 # one kernel per step on CUDA
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
     history = torch.zeros(train.steps)
     start, _ = resume_stage(stage_dir, {"model": model, "ema": ema}, opt, history)
@@ -119,19 +143,20 @@ def train_base(cfg: RunConfig, data: BiasedDataset, device: torch.device, stage_
     # under torchrun: DDP, which averages the gradients over processes; channels_last / compile on request
     net = amp.prepare(dist.data_parallel(model, device), train.channels_last, train.compile)
     rows = dist.my_slice(train.batch_size)                           # this process's share of each batch
+    images = data.images.to(device)                                  # once, not a copy per step (CUDA)
     if start < train.steps:
         dist.print0(f"[base] UNet with {count_parameters(model):,} parameters, {len(data)} images, device {device}"
                     + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
     recorder = StepRecorder(model, ema, opt, scaler, train.grad_clip, train.ema_decay, stage_dir, history,
                             train.checkpoint_every, "--lr", train.lr, "loss",
                             progress_bar("A. base model", start, train.steps, progress and dist.is_main()),
-                            MetricsLog(stage_dir, start) if dist.is_main() else None)
+                            MetricsLog(stage_dir, start) if dist.is_main() else None, sync_every(device))
     for step in recorder.bar:
         g = step_generator(train.seed, step)
         # dropout masks: one stream per process (under torchrun), the same as ever in one process
         torch.manual_seed((train.seed * 1_000_003 + step) * dist.world_size() + dist.rank())
         idx = torch.randint(0, len(data), (train.batch_size,), generator=g)    # the global batch, on every rank
-        x0 = to_model_range(data.images[idx]).to(device)             # (B, 3, H, W) in [-1, 1]
+        x0 = to_model_range(images[idx.to(device)])                  # (B, 3, H, W) in [-1, 1]
         y = data.labels[idx].to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, train.lr, train.warmup_steps, train.steps)
@@ -153,10 +178,11 @@ def train_base(cfg: RunConfig, data: BiasedDataset, device: torch.device, stage_
 def save_base_samples(path: Path, model: UNet, cfg: RunConfig, class_names, device) -> None:
     """8 DDIM-25 samples per class, one class per row (the base stage's picture)."""
     k = cfg.unet.num_classes
-    grid = sample(model, make_sampler("ddim", cfg.diffusion.scheduler_kwargs()).to(device),
-                  (8 * k, cfg.unet.in_channels, cfg.data.resolution, cfg.data.resolution),
-                  torch.arange(k).repeat_interleave(8), num_steps=25, generator=torch.Generator().manual_seed(0),
-                  device=device)
+    with amp.autocast(device, cfg.train.precision):
+        grid = sample(model, make_sampler("ddim", cfg.diffusion.scheduler_kwargs()).to(device),
+                      (8 * k, cfg.unet.in_channels, cfg.data.resolution, cfg.data.resolution),
+                      torch.arange(k).repeat_interleave(8), num_steps=25, generator=torch.Generator().manual_seed(0),
+                      device=device)
     save_grid(path, from_model_range(grid), nrow=8, row_labels=list(class_names),
               title="base model samples (DDIM 25), one class per row")
 
@@ -220,18 +246,22 @@ def compute_losses(cfg: RunConfig, data: BiasedDataset, base: UNet, device: torc
                   "normalize_per_t": settings.normalize_per_t, "target": settings.target}
     window = tuple(settings.t_window) if settings.t_window else None
     if window is None:  # the label-free choice of the t window, on a subset, done whole by every rank
-        window, scores = auto_t_window(base, scheduler, data.images, data.labels,
-                                       num_draws=settings.auto_window_draws, max_samples=settings.auto_window_samples,
-                                       batch_size=settings.batch_size, seed=settings.seed + 10_000, device=device,
-                                       progress=progress and dist.is_main())
+        with amp.autocast(device, cfg.train.precision):
+            window, scores = auto_t_window(base, scheduler, data.images, data.labels,
+                                           num_draws=settings.auto_window_draws,
+                                           max_samples=settings.auto_window_samples, batch_size=settings.batch_size,
+                                           seed=settings.seed + 10_000, device=device,
+                                           progress=progress and dist.is_main())
         info["t_window_label_effect"] = {f"{lo}-{hi}": round(v, 4) for (lo, hi), v in scores.items()}
         dist.print0(f"[losses] t window chosen without bias labels: [{window[0]}, {window[1]}) "
                     f"(label effect E|log l(y)/l(null)| = {scores[window]:.3f})")
     info["t_window"] = list(window)
 
     def losses_with(num_draws, t_window, normalize, target, reference, show=False):
-        return sharded_per_sample_losses(base, scheduler, data.images, data.labels, num_draws, t_window, normalize,
-                                         target, settings.batch_size, settings.seed, device, show, reference)
+        with amp.autocast(device, cfg.train.precision):
+            return sharded_per_sample_losses(base, scheduler, data.images, data.labels, num_draws, t_window,
+                                             normalize, target, settings.batch_size, settings.seed, device, show,
+                                             reference)
 
     losses = losses_with(settings.num_draws, window, settings.normalize_per_t, settings.target, settings.reference,
                          progress)
@@ -315,14 +345,12 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     torch.manual_seed(settings.seed)                                # the head's initial weights
     head = build_head(cfg, base).to(device)
     head_ema = copy.deepcopy(head).requires_grad_(False)    # samples; deviation: official samples raw weights
-    opt = torch.optim.AdamW(head.parameters(), lr=settings.lr)
+    opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, fused=device.type == "cuda")
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
     batches = GroupBatchSampler(assignments, settings.batch_size, settings.batch_sampling)
     history = torch.zeros(settings.steps)
     modules = {"head": head, "head_ema": head_ema}
     start, _ = resume_stage(stage_dir, modules, opt, history, expect={"base_fingerprint": base_id})
-    for group in opt.param_groups:                                   # a resumed run may lower the lr (--head-lr)
-        group["lr"] = settings.lr
     name = stage_dir.name
     if 0 < start < settings.steps:
         dist.print0(f"[{name}] resuming at step {start}")
@@ -337,7 +365,8 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     recorder = StepRecorder(head, head_ema, opt, scaler, settings.grad_clip, settings.ema_decay, stage_dir, history,
                             settings.checkpoint_every, "--head-lr", settings.lr, f"L_e (lambda {settings.lam})",
                             progress_bar(f"C. head ({name})", start, settings.steps, progress and dist.is_main()),
-                            MetricsLog(stage_dir, start) if dist.is_main() else None)
+                            MetricsLog(stage_dir, start) if dist.is_main() else None, sync_every(device))
+    images = data.images.to(device)                                  # once, not a copy per step (CUDA)
     state = {"config": cfg.to_dict(), "base_checkpoint": base_source, "base_fingerprint": base_id, "groups": name,
              "head_net": head.net.config.to_dict()}
     for step in recorder.bar:
@@ -350,9 +379,11 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
         t = torch.randint(0, scheduler.num_train_timesteps, (n_draws,), generator=g)[draw]
         eps = torch.randn((n_draws, *data.images.shape[1:]), generator=g)[draw]
         rows = dist.my_slice(len(idx))                               # this rank's samples
-        x0 = to_model_range(data.images[idx[rows]]).to(device)
+        x0 = to_model_range(images[idx[rows].to(device)])
         y, t, eps = data.labels[idx[rows]].to(device), t[rows].to(device), eps[rows].to(device)
         w = assignments[idx].to(device)                              # (B, G): the whole global batch
+        for group in opt.param_groups:                               # warm-up, cosine decay (a resumed run may
+            group["lr"] = lr_at(step, settings.lr, settings.warmup_steps, settings.steps)   # lower it: --head-lr)
         with amp.autocast(device, train.precision):
             losses = denoising_loss(model, scheduler, x0, y, t, eps)  # l_i of eps_theta + G_psi, this rank's
         # L_e is not a mean over samples, so it does not split over processes: every rank computes it over the
@@ -376,15 +407,16 @@ def sample_settings(cfg: RunConfig, device, **overrides) -> SampleSettings:
                                     n_per_class=settings.n_per_class, num_classes=cfg.unet.num_classes,
                                     image_shape=(cfg.unet.in_channels, cfg.data.resolution, cfg.data.resolution),
                                     sampler=settings.sampler, num_steps=settings.num_steps,
-                                    guidance_scale=settings.guidance_scale, seed=settings.seed, device=device),
+                                    guidance_scale=settings.guidance_scale, seed=settings.seed, device=device,
+                                    precision=cfg.train.precision),
                              **overrides})
 
 
 def evaluate(cfg: RunConfig, splits: DataSplits, base: UNet, heads: dict[str, InvariantGuidance],
              device: torch.device, judge_folder: Path | None = None,
-             strengths: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Sample the base and every head at every strength with the same seeds and judge them. Returns (summary,
-    {model: its images at the summary's strength w})."""
+             strengths: tuple[float, ...] = ()) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Sample the base and every head at the summary's strength w (and at `strengths`, a sweep) with the same
+    seeds and judge them. Returns (summary, {model: its images at w})."""
     settings = cfg.eval
     judge = make_judge(splits, judge_folder, device, settings.judge_steps)
     how = sample_settings(cfg, device)
@@ -496,7 +528,8 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
     summary = None
     if wanted("eval") and dist.is_main():                            # sampling and judging: rank 0 alone
         trained = {h: load_head(run_dir / h, base, device)[0] for h in HEADS if list_checkpoints(run_dir / h)}
-        summary, grids = evaluate(cfg, splits, base, trained, device, run_dir / "judges")
+        sweep = (1.0, 2.0, 3.0) if compare else ()                   # the default run judges w alone
+        summary, grids = evaluate(cfg, splits, base, trained, device, run_dir / "judges", sweep)
         write_json(run_dir / "summary.json", summary)
         save_comparison(run_dir / "samples.png", grids, cfg, data.class_names)
         stage_done()

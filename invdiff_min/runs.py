@@ -198,9 +198,10 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
         self.t0 = time.time()
 
-    def add(self, step: int, **values) -> None:
-        """Record the values of training step `step` (1-based: the step just done)."""
-        self.pending.append({"step": step, **values, "seconds": round(self.seconds + time.time() - self.t0, 3)})
+    def add(self, step: int, when: float | None = None, **values) -> None:
+        """Record the values of training step `step` (1-based: the step just done), done at time `when`."""
+        when = time.time() if when is None else when
+        self.pending.append({"step": step, **values, "seconds": round(self.seconds + when - self.t0, 3)})
 
     def flush(self) -> None:
         with open(self.path, "a") as f:

@@ -10,10 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import run_script, tiny_diffusers_unet
-from invdiff_min import pipeline
+from invdiff_min import amp, pipeline
 from invdiff_min.checkpoint import list_checkpoints, load_tensors
 from invdiff_min.config import get_preset
 from invdiff_min.data import make_dataset
+from invdiff_min.diffusion import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +66,24 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
         assert (out / f).is_file(), f
     losses = json.loads((out / "losses.json").read_text())
     assert 0 <= losses["auc"] <= 1 and 0 <= losses["official_auc"] <= 1
+    # "auto" precision is recorded as what it resolved to; the head's rate warms up, then decays by cosine
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["train"]["precision"] == amp.resolve("auto", "cpu")[0]
+    head = config["head"]
+    logged = [json.loads(line)["lr"] for line in (out / "invdiff" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([lr_at(s, head["lr"], head["warmup_steps"], head["steps"])
+                                    for s in range(head["steps"])])
+    assert logged[0] < logged[head["warmup_steps"] - 1] and logged[-1] < 0.2 * head["lr"]
+
+    # the stage times read off the run folder: every stage, in order, adding up to the total
+    r = run("benchmarks/stage_times.py", str(out), "--json", str(tmp_path / "times.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    times = json.loads((tmp_path / "times.json").read_text())
+    assert list(times["stages"]) == ["A. base", "B. losses", "B. groups", "C. head invdiff", "C. head oracle",
+                                     "C. head uniform", "D. eval"]
+    assert times["stages"]["A. base"]["seconds_per_step"] > 0 and all(
+        row["seconds"] >= 0 for row in times["stages"].values())
+    assert sum(row["seconds"] for row in times["stages"].values()) == pytest.approx(times["total_seconds"], abs=0.5)
 
     # a second run of the same command refuses to clobber; --resume skips every finished stage
     r = run("train.py", "--preset", "tiny", "--out", str(out), "--compare", "--no-progress")
