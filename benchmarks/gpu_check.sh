@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The single command to run on a machine with CUDA: the CUDA tests, a short run of every stage at 32x32 and
-# 64x64, the UNet benchmark in bf16 and fp32 (img/s, peak memory, against diffusers when it is installed) and,
+# 64x64 with the time of each stage, the UNet benchmark in bf16 and fp32, with channels_last and compiled (img/s,
+# peak memory, against diffusers when it is installed) and,
 # with GPU_CHECK_SUITE=1, the whole test suite. Prints everything; writes gpu_check/ (or $GPU_CHECK_OUT).
 #   bash benchmarks/gpu_check.sh            (from the repository root, in an environment with torch + CUDA)
 set -uo pipefail
@@ -28,6 +29,7 @@ for res in 32 64; do
       --overwrite --no-progress 2>&1 | stamp > "$out/run$res.txt"
   echo "run$res: exit ${PIPESTATUS[0]} in $((SECONDS - start)) s"
   grep -E "^.{9}(\[|  (base|invdiff))|Bias|done in" "$out/run$res.txt" || tail -20 "$out/run$res.txt"
+  "$py" benchmarks/stage_times.py "$out/run$res" --json "$out/stage_times$res.json"   # per stage, from the files
 done
 "$py" - "$out" <<'PY'
 import json, sys
@@ -46,3 +48,8 @@ for precision in bf16 fp32; do
   "$py" benchmarks/unet_speed.py --preset gpu --device cuda --batch 128 --repeats 20 --precision "$precision" \
       --json "$out/unet_speed_$precision.json"
 done
+# the launch-bound remedies, both models alike: channels_last, then torch.compile (bf16)
+"$py" benchmarks/unet_speed.py --preset gpu --device cuda --batch 128 --repeats 20 --precision bf16 \
+    --channels-last --json "$out/unet_speed_bf16_channels_last.json"
+timeout 300 "$py" benchmarks/unet_speed.py --preset gpu --device cuda --batch 128 --repeats 20 --precision bf16 \
+    --compile --json "$out/unet_speed_bf16_compile.json"
