@@ -382,8 +382,8 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
         x0 = to_model_range(images[idx[rows].to(device)])
         y, t, eps = data.labels[idx[rows]].to(device), t[rows].to(device), eps[rows].to(device)
         w = assignments[idx].to(device)                              # (B, G): the whole global batch
-        for group in opt.param_groups:                               # warm-up, cosine decay (a resumed run may
-            group["lr"] = lr_at(step, settings.lr, settings.warmup_steps, settings.steps)   # lower it: --head-lr)
+        for group in opt.param_groups:                               # (a resumed run may lower it: --head-lr)
+            group["lr"] = head_lr(settings, step)
         with amp.autocast(device, train.precision):
             losses = denoising_loss(model, scheduler, x0, y, t, eps)  # l_i of eps_theta + G_psi, this rank's
         # L_e is not a mean over samples, so it does not split over processes: every rank computes it over the
@@ -397,6 +397,15 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     if start < settings.steps and dist.is_main():
         save_loss_curve(stage_dir / "loss.png", history, f"L_e of the guidance head ({name})")
     return head_ema.eval(), list_checkpoints(stage_dir)[-1]
+
+
+def head_lr(settings, step: int) -> float:
+    """The head's learning rate at `step`: constant, or warm-up then cosine decay (HeadConfig.lr_schedule)."""
+    if settings.lr_schedule == "constant":
+        return settings.lr
+    if settings.lr_schedule == "cosine":
+        return lr_at(step, settings.lr, settings.warmup_steps, settings.steps)
+    raise ValueError(f"head.lr_schedule must be 'constant' or 'cosine', got {settings.lr_schedule!r}")
 
 
 # ----- D. evaluation ---------------------------------------------------------------------------------------

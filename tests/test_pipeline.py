@@ -71,6 +71,7 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     assert config["train"]["precision"] == amp.resolve("auto", "cpu")[0]
     head = config["head"]
     logged = [json.loads(line)["lr"] for line in (out / "invdiff" / "metrics.jsonl").read_text().splitlines()]
+    assert head["lr_schedule"] == "cosine"                         # the tiny preset's (the default is constant)
     assert logged == pytest.approx([lr_at(s, head["lr"], head["warmup_steps"], head["steps"])
                                     for s in range(head["steps"])])
     assert logged[0] < logged[head["warmup_steps"] - 1] and logged[-1] < 0.2 * head["lr"]
