@@ -103,8 +103,8 @@ def test_torchrun_two_ranks_hold_identical_weights_equal_to_rank0_checkpoint_and
 
 
 # ----- 2. one step on 2 ranks == one step in one process -------------------------------------------------------
-def sgd(params, lr, weight_decay=0.0):
-    """Stands in for AdamW: the step is lr x gradient (see the module docstring)."""
+def sgd(params, lr, weight_decay=0.0, fused=False):
+    """Stands in for AdamW (taking its arguments): the step is lr x gradient (see the module docstring)."""
     return torch.optim.SGD(params, lr=lr)
 
 
