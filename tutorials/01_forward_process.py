@@ -5,10 +5,13 @@
 # image is noised, how fast (the schedule), and what the network is asked to predict. Everything here is
 # closed-form; nothing is trained. It runs in seconds.
 #
-# The series, six notebooks in order, took 20 minutes with `OMP_NUM_THREADS=1` on one core of a 2-core CPU
-# (tutorial 2 trains the base model the later ones share: 7 minutes; tutorial 5 trains three heads: 6);
-# with `INVDIFF_FAST=1` (tiny data and step counts, pictures not meant to look like anything) all six run
-# in under 2 minutes, which is what the tests do.
+# The series is six notebooks, in order; all six took 38 minutes of one core with `OMP_NUM_THREADS=1`
+# (executed two at a time on a 2-core CPU; the README lists each one's time). On one core, tutorial 2
+# trains the base model the later ones share (about 5 minutes), tutorials 5 and 6 train guidance heads
+# (the longest steps of the series) and tutorial 6 also fine-tunes a model for about 3 minutes; the other
+# notebooks take a few minutes or less, and each prints the time of its long steps. With
+# `INVDIFF_FAST=1` (tiny data and step counts, pictures not meant to look like anything) all six run in
+# under 2 minutes, which is what the tests do.
 #
 # Notation (Ho et al. 2020): $x_0$ a clean image in $[-1, 1]$, $t \in \{0, \dots, T-1\}$ with $T = 1000$,
 # $\beta_t$ the variance of the noise added at step $t$, $\alpha_t = 1 - \beta_t$,
@@ -123,7 +126,7 @@ plt.show()
 # trace. The rows of 4x4 block means (what a coarse look at the image sees; averaging 16 pixels divides
 # the noise by 4) show the blue tint of the water at large $t$. Does coarse content (the background, the
 # spurious attribute) survive to higher noise than fine detail (the shape)? If so it is decided early in
-# sampling, at large $t$, which is where tutorial 4 looks for the bias.
+# sampling, at large $t$, and that range of $t$ is where tutorial 4 looks for the bias.
 #
 # The next cell measures both with the dataset's exact readers, applied to *noisy* images $x_t$ of 200
 # images: `read_background` (is the mean blue of the non-object pixels above their mean green?) and
@@ -145,7 +148,9 @@ for name, s in schedules.items():
     ax.plot(t_grid, shape, ls=":", label=f"{name}: shape")
     for what, acc in (("background", background), ("shape", shape)):
         last = max([t for t, a in zip(t_grid, acc) if a >= 0.9], default=None)
-        print(f"{name}: {what} read correctly in >= 90% of images up to t = {last}")
+        near_chance = min([t for t, a in zip(t_grid, acc) if a <= 0.6], default=None)
+        print(f"{name}: {what} read correctly in >= 90% of images up to t = {last}; near chance (<= 60%) "
+              + (f"from t = {near_chance}" if near_chance is not None else "at no t"))
 ax.axhline(0.5, color="grey", lw=0.8, ls="--")
 ax.set_xlabel("t")
 ax.set_ylabel("read correctly")
@@ -155,10 +160,12 @@ plt.show()
 
 # %% [markdown]
 # What to see: the printed $t$ up to which each attribute is still read in 90% of the noisy images. The
-# background survives to much larger $t$ than the shape under both schedules: coarse content is decided
-# first when sampling runs from $t = T$ down. (The dashed line is chance, 0.5, for both readers: the shape
-# reading falls to it once the noise breaks up the object's pixels, by $t \approx 300$ under the linear
-# schedule and $t \approx 450$ under the cosine one.)
+# background survives to much larger $t$ than the shape under both schedules (575 against 125 under the
+# linear schedule): coarse content is decided first when sampling runs from $t = T$ down. (The dashed line
+# is chance, 0.5, for both readers: the shape reading is near it once the noise breaks up the object's
+# pixels, from $t = 200$ under the linear schedule and $t = 400$ under the cosine one, while the background
+# reading gets near chance only from $t = 800$ under the linear schedule, and at no $t$ under the cosine
+# one.)
 #
 # ## Many small steps or one jump
 #
@@ -192,7 +199,8 @@ for name, x in (("step by step", chain), ("one jump", jump)):
 # So the network $\varepsilon_\theta(x_t, t, y)$ is trained to predict the noise, with the plain
 # mean-squared error of Ho et al. (`diffusion.training_loss`):
 # $$L_\text{simple} = \mathbb E_{x_0, y, t, \varepsilon}\,
-#   \big\lVert \varepsilon - \varepsilon_\theta(\sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon,\ t,\ y) \big\rVert^2 .$$
+#   \big\lVert \varepsilon - \varepsilon_\theta(\sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon,
+#   \ t,\ y) \big\rVert^2 .$$
 # An error $\delta$ in $\hat\varepsilon$ becomes an error $\sqrt{(1 - \bar\alpha_t)/\bar\alpha_t}\;\delta
 # = \delta / \sqrt{\mathrm{SNR}(t)}$ in $\hat x_0$. Below: $x_0$ recovered from the true $\varepsilon$
 # (exact) and from $\varepsilon$ plus a small error, at three noise levels.
@@ -220,10 +228,11 @@ for ax, img, title in zip(axes, panels, titles):
 plt.show()
 
 # %% [markdown]
-# What to see: with the true noise the reconstruction is exact (errors around $10^{-6}$, float32 rounding).
-# With a small error in $\hat\varepsilon$, the reconstruction is fine at $t = 100$, visibly noisy at
-# $t = 500$ and lost at $t = 800$, matching $\delta/\sqrt{\mathrm{SNR}}$: errors are amplified at large $t$,
-# and the raw per-sample loss is dominated by $t$ (tutorial 4 divides it out).
+# What to see: with the true noise the reconstruction is exact (errors from $10^{-7}$ to a few $10^{-6}$,
+# float32 rounding). With a small error in $\hat\varepsilon$, the reconstruction is fine at $t = 100$,
+# visibly noisy at $t = 500$ and lost at $t = 800$, matching $\delta/\sqrt{\mathrm{SNR}}$ (the printed
+# error std against the prediction): errors are amplified at large $t$, and the raw per-sample loss is
+# dominated by $t$ (tutorial 4 divides it out).
 #
 # ## Why samplers take many steps: the best one-jump guess is a blur
 #

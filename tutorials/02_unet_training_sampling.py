@@ -4,7 +4,7 @@
 # This notebook trains the noise predictor $\varepsilon_\theta(x_t, t, y)$ on the built-in biased dataset
 # and samples from it. The model it trains is the *biased base model* that tutorials 3-6 use; it is
 # cached in a temporary folder, so those tutorials start from it instead of training again. Training takes
-# a few minutes on one CPU core (the rest of the notebook about a minute); the cache makes a second run
+# a few minutes on one CPU core (the rest of the notebook about two); the cache makes a second run
 # instant.
 
 # %%
@@ -92,16 +92,20 @@ plt.show()
 # Dropping the label *per sample* ($p_\text{uncond} = 0.1$) trains the conditional and the unconditional
 # model in one network, which classifier-free guidance needs.
 #
-# Where $L_\text{simple}$ comes from (Ho et al., Sec. 3): the model is trained by maximising the evidence
-# lower bound on $\log p_\theta(x_0)$, which splits into one KL divergence per step,
-# $\mathrm{KL}\big(q(x_{t-1} \mid x_t, x_0) \,\Vert\, p_\theta(x_{t-1} \mid x_t)\big)$. Both are Gaussians with
-# the same fixed variance, so each KL is a squared distance between their means; writing the model's mean
-# through a noise prediction, $\mu_\theta = \frac{1}{\sqrt{\alpha_t}}\big(x_t - \frac{\beta_t}{\sqrt{1 -
-# \bar\alpha_t}}\, \varepsilon_\theta\big)$, turns it into $\lambda_t \lVert \varepsilon -
-# \varepsilon_\theta \rVert^2$ with a weight $\lambda_t$ per step. $L_\text{simple}$ drops the weights
-# ($\lambda_t = 1$), which Ho et al. found to give better samples: it stresses the larger $t$, where the
-# coarse content is decided. Here is that step written out with the library's parts, on an untrained
-# model:
+# Where $L_\text{simple}$ comes from (Ho et al. 2020, Sec. 3): the model is trained by maximising the
+# evidence lower bound (ELBO) on $\log p_\theta(x_0)$, which splits into one KL divergence per step,
+# $\mathrm{KL}\big(q(x_{t-1} \mid x_t, x_0) \,\Vert\, p_\theta(x_{t-1} \mid x_t)\big)$, plus a prior term
+# with no parameters and a decoder term at the last step. $q(x_{t-1} \mid x_t, x_0)$ is the Gaussian
+# posterior of the forward process (written out under *Sampling* below); the model's step is a Gaussian
+# with a fixed variance $\sigma_t^2$ (not learned), so each KL is, up to a constant, the squared distance
+# between the two means divided by $2\sigma_t^2$. Writing the model's mean through a noise prediction,
+# $\mu_\theta = \frac{1}{\sqrt{\alpha_t}}\big(x_t - \frac{\beta_t}{\sqrt{1 - \bar\alpha_t}}\,
+# \varepsilon_\theta\big)$, turns it into a weighted noise regression, $\lambda_t \lVert \varepsilon -
+# \varepsilon_\theta \rVert^2$ with $\lambda_t = \beta_t^2 / \big(2\sigma_t^2 \alpha_t (1 -
+# \bar\alpha_t)\big)$ (their eq. 12). $L_\text{simple}$ (their eq. 14) drops the weights, $\lambda_t = 1$,
+# which Ho et al. found to give better samples: relative to the ELBO it down-weights the small $t$ and so
+# stresses the larger $t$, where the coarse content is decided. Here is one training step written out
+# with the library's parts, on an untrained model:
 
 # %%
 data = make_dataset(cfg.data, "train")
@@ -159,12 +163,110 @@ base, _, _ = load_unet(base_ckpt, device)                           # the EMA we
 # Sampling runs the process backwards from $x_T \sim \mathcal N(0, I)$. Both samplers first estimate
 # $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\varepsilon)/\sqrt{\bar\alpha_t}$ (clipped to $[-1, 1]$)
 # and then step to the previous timestep $t'$ of their schedule:
-# * **DDPM** (ancestral, Ho et al.): $x_{t'} \sim \mathcal N\big(\mu_t(x_t, \hat x_0),\ \sigma_t^2 I\big)$,
-#   the Gaussian posterior $q(x_{t'} \mid x_t, x_0)$ with $\hat x_0$ plugged in: fresh noise at every step;
+# * **DDPM** (ancestral, Ho et al.): $x_{t'} \sim \mathcal N\big(\tilde\mu_t(x_t, \hat x_0),\ \tilde\beta_t I\big)$,
+#   the Gaussian posterior $q(x_{t'} \mid x_t, x_0)$ with $\hat x_0$ plugged in: fresh noise at every step
+#   (written out below);
 # * **DDIM** (Song et al., $\eta = 0$): $x_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat x_0 +
 #   \sqrt{1-\bar\alpha_{t'}}\,\hat\varepsilon$, deterministic given $x_T$, and good with few steps.
 #
-# Both run on the same trained network with any number of steps (`diffusion.sample`,
+# ### One DDPM step, written out
+#
+# Given $x_0$, one step of the forward process can be undone exactly: the posterior is Gaussian (Ho et
+# al., eqs. 6-7),
+# $$q(x_{t-1} \mid x_t, x_0) = \mathcal N\big(x_{t-1};\ \tilde\mu_t(x_t, x_0),\ \tilde\beta_t I\big),$$
+# $$\tilde\mu_t(x_t, x_0) = \frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1 - \bar\alpha_t}\, x_0 +
+#   \frac{\sqrt{\alpha_t}\,(1 - \bar\alpha_{t-1})}{1 - \bar\alpha_t}\, x_t, \qquad
+#   \tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}\, \beta_t .$$
+# The DDPM sampler (`DDPMScheduler.step`) puts the model's $\hat x_0$ in place of the unknown $x_0$ and draws
+# $$x_{t-1} = \tilde\mu_t(x_t, \hat x_0) + \sqrt{\tilde\beta_t}\, z, \qquad z \sim \mathcal N(0, I).$$
+# The library's conventions: $\hat x_0$ is clipped to $[-1, 1]$ (`clip_sample=True` in `cfg.diffusion`);
+# the variance is the posterior's $\tilde\beta_t$ (`variance_type="fixed_small"`; Ho et al. also tried
+# $\beta_t$, `"fixed_large"`); $z$ is passed in as `variance_noise` (`diffusion.sample` draws it from its
+# generator; `step` draws it itself when it is omitted); and the last step, $t = 0$, adds no noise and
+# returns $\hat x_0$ (with $\bar\alpha_{-1} = 1$ the posterior mean is $\hat x_0$). When the sampler takes
+# fewer than $T$ steps, $t - 1$ becomes the previous timestep $t'$ of its schedule and $\alpha_t$ becomes
+# $\bar\alpha_t / \bar\alpha_{t'}$, the product of the $\alpha$'s it skips ($\beta_t = 1 - \alpha_t$). The
+# library always computes $\alpha_t$ as that ratio, which for consecutive steps is $\alpha_t$ itself.
+#
+# The next cell computes the step by hand from the scheduler's tensors (`alphas_cumprod`) and compares it
+# with the library's `step` on the same $x_t$ (two training images noised to $t$), the same
+# $\hat\varepsilon$ (the trained model's) and the same $z$:
+
+# %%
+ddpm = make_sampler("ddpm", cfg.diffusion.scheduler_kwargs()).to(device)   # what sample() builds
+ddpm.set_timesteps(ddpm.num_train_timesteps)                               # all T steps: t' = t - 1
+g = torch.Generator().manual_seed(3)
+x0_pair, y_pair = to_model_range(data.images[:2]).to(device), data.labels[:2].to(device)
+for t in (999, 500, 20, 0):
+    x_t = ddpm.add_noise(x0_pair, torch.randn(x0_pair.shape, generator=g).to(device), torch.tensor(t))
+    with torch.no_grad():
+        eps_hat = base(x_t, torch.full((2,), t, device=device), y_pair)
+    z = torch.randn(x_t.shape, generator=g).to(device)
+    library = ddpm.step(eps_hat, t, x_t, variance_noise=z)
+    # by hand: Ho et al. eqs. 6-7 with x0_hat in place of x0
+    abar_t = ddpm.alphas_cumprod[t]
+    abar_prev = ddpm.alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0, device=device)  # abar_{-1} = 1
+    alpha_t = abar_t / abar_prev                                   # alpha_t (the skipped product when t' < t-1)
+    beta_t = 1 - alpha_t
+    x0_hat = ((x_t - (1 - abar_t).sqrt() * eps_hat) / abar_t.sqrt()).clamp(-1, 1)   # clip_sample
+    coef_x0 = abar_prev.sqrt() * beta_t / (1 - abar_t)              # sqrt(abar_{t-1}) beta_t / (1 - abar_t)
+    coef_xt = alpha_t.sqrt() * (1 - abar_prev) / (1 - abar_t)       # sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)
+    mu_tilde = coef_x0 * x0_hat + coef_xt * x_t
+    beta_tilde = (1 - abar_prev) / (1 - abar_t) * beta_t            # (1 - abar_{t-1}) / (1 - abar_t) beta_t
+    by_hand = mu_tilde + beta_tilde.sqrt() * z if t > 0 else mu_tilde   # no noise at t = 0
+    print(f"t = {t:>3}: beta_t {float(beta_t):.2e}, beta~_t {float(beta_tilde):.2e}; max |by hand - step()| "
+          f"{float((by_hand - library).abs().max()):.1e}, allclose: {torch.allclose(by_hand, library, atol=1e-6)}")
+
+# %% [markdown]
+# What to see: `allclose` is `True` at every $t$ and the largest difference is 0 (the hand computation
+# repeats the library's float32 operations in the same order; another order could change the last
+# float32 digits, which `atol` allows for): the library's step is these two formulas. $\tilde\beta_t$
+# equals $\beta_t$ to the printed digits at large $t$ and falls below it only in the last steps (about 8%
+# below at $t = 20$), where $x_t$ already pins $x_{t-1}$ down; at $t = 0$ it is 0 and the step returns
+# $\hat x_0$.
+#
+# ### The reverse chain
+#
+# The whole DDPM chain, for four samples (two discs, two squares, one row each), from pure noise
+# $x_T$ on the left to the sampler's output on the right, with the intermediate $x_t$ at a few $t$:
+
+# %%
+ddpm.set_timesteps(50 if FAST else ddpm.num_train_timesteps)
+steps = ddpm.timesteps.tolist()
+wanted = [999, 700, 500, 400, 300, 200, 100, 50]
+shown = [min(steps, key=lambda s: abs(s - w)) for w in wanted]       # the nearest t the chain visits
+y_chain = torch.tensor([0, 0, 1, 1], device=device)
+g = torch.Generator().manual_seed(1)
+x = torch.randn(len(y_chain), 3, cfg.data.resolution, cfg.data.resolution, generator=g).to(device)  # x_T
+frames = []
+with torch.no_grad():
+    for t in steps:
+        if t in shown:
+            frames.append(from_model_range(x).cpu())                 # x_t, before the step at t
+        eps_hat = base(x, torch.full((len(x),), t, device=device), y_chain)
+        z = torch.randn(x.shape, generator=g).to(device) if t > 0 else None
+        x = ddpm.step(eps_hat, t, x, variance_noise=z)
+frames.append(from_model_range(x).cpu())                             # the output
+grid = image_grid(torch.stack(frames, 1).flatten(0, 1), nrow=len(frames))   # row = sample, column = t
+fig, ax = plt.subplots(figsize=(8, 3.6))
+ax.imshow(grid.numpy(), interpolation="nearest")
+ax.set_xticks([(i + 0.5) * grid.shape[1] / len(frames) for i in range(len(frames))],
+              [f"t={t}" for t in shown] + ["output"], fontsize=7)
+ax.set_yticks([(i + 0.5) * grid.shape[0] / len(y_chain) for i in range(len(y_chain))],
+              [CLASS_NAMES[int(c)] for c in y_chain])
+plt.show()
+
+# %% [markdown]
+# What to see: for most of the chain $x_t$ looks like noise, because under the linear schedule little of
+# the image is left above $t \approx 500$ (tutorial 1). The background comes first: a green (land) or blue
+# (water) tint shows through the noise by about $t = 300$, the object only by about $t = 100$, and the
+# last steps remove the remaining noise. Coarse content is decided at large $t$, fine detail at small
+# $t$, in the order tutorial 1 measured on noised training images. (Most samples end on the background
+# their class has in the data, discs on land and squares on water: the bias, counted in tutorial 3.)
+#
+# ### DDPM against DDIM
+#
+# Both samplers run on the same trained network with any number of steps (`diffusion.sample`,
 # `diffusion.make_sampler`). Below: the same starting noise $x_T$ for every row, 8 images per class, and
 # the share of samples that show the requested shape (*fidelity*, read exactly by `read_shape`) over 32
 # images per class.
@@ -198,8 +300,9 @@ plt.show()
 # rows start from the same $x_T$ and follow a deterministic path, so DDIM-10 gives nearly the same images
 # as DDIM-50 (compare column by column) at a fifth of the cost. DDPM injects fresh noise at every step,
 # so its images differ from DDIM's and between step counts. The fidelities (64 images per sampler, so
-# about $\pm 0.06$ each) lie between 0.62 and 0.81: this small model, trained for minutes, often draws
-# ragged shapes. DDPM-1000 scores below DDPM-50 (0.62 against 0.81), a gap larger than that noise. A
+# about $\pm 0.06$ each) lie between about 0.6 and 0.8 (0.62 to 0.81 when we ran it): this small model,
+# trained for minutes, often draws ragged shapes. Look for DDPM-1000 scoring below DDPM-50 (0.62 against
+# 0.81 when we ran it), a gap larger than that noise. A
 # likely cause, not measured here: ancestral sampling adds fresh noise at every step, and with 1000 steps
 # the model's errors at small $t$ (where this small model is least accurate, on edges and corners) are
 # applied 20 times as often, roughening exactly the corners `read_shape` looks at. The DDIM rows look
@@ -273,10 +376,10 @@ plt.show()
 # %% [markdown]
 # What to see: at $s = 0$ the label is ignored, so both rows of a pair hold a mix of shapes and
 # backgrounds and fidelity is about one half. At $s = 1$ the rows follow their class. At $s = 2$ fidelity
-# rises a little and *every* sample sits on its class's usual background (minority share 0 for both
-# classes): the guidance direction $\varepsilon(y) - \varepsilon(\varnothing)$ carries everything the
-# label predicts, the spurious background included, so stronger guidance amplifies the bias. At $s = 4$
-# fidelity is highest, but many disc backgrounds have drifted to an in-between teal the data never had
-# (the background reader splits those between land and water, hence the jump in the discs' minority
-# share): large scales push the samples off the data. Tutorial 3 measures the bias properly; tutorial 5
-# removes it with a different kind of guidance.
+# rises a little and (nearly) every sample sits on its class's usual background (minority share 0.00 for
+# both classes when we ran it): the guidance direction $\varepsilon(y) - \varepsilon(\varnothing)$
+# carries everything the label predicts, the spurious background included, so stronger guidance
+# amplifies the bias. At $s = 4$ fidelity is highest, but many disc backgrounds have drifted to an
+# in-between teal the data never had (the background reader splits those between land and water, hence
+# the jump in the discs' minority share): large scales push the samples off the data. Tutorial 3
+# measures the bias properly; tutorial 5 removes it with a different kind of guidance.

@@ -9,12 +9,14 @@
 #
 # InvDiff never sees the background labels. Its stage B infers them: the frozen biased model denoises the
 # bias-conflicting images (the minority) worse, because its label pulls them towards the majority
-# background (tutorial 3, last figure). This notebook measures that signal, shows why the official
-# recipe (one noise draw per image) barely finds it and what fixes it, and turns it into groups. It uses
-# the base model of tutorial 2 (cached; trained here if missing) and takes a few minutes.
+# background (tutorial 3, *Where in sampling the label pulls towards the majority*). This notebook
+# measures that signal, shows why the official recipe (one noise draw per image) barely finds it and what
+# fixes it, and turns it into groups. It uses the base model of tutorial 2 (cached; trained here if
+# missing) and takes a few minutes.
 #
 # The hidden labels are read only to *evaluate* (AUROC, colours of the plots), never to compute a loss or a
-# group.
+# group. Wherever a plot splits the images by these hidden labels, red marks the minority (the
+# bias-conflicting images) and grey the majority.
 
 # %%
 import torch
@@ -28,11 +30,12 @@ base_model = run.base_model                     # tutorial 2's base model: train
 
 # %%
 import time
+from dataclasses import replace
 
 from invdiff_min.data import ATTRIBUTE_NAMES, CLASS_NAMES, make_dataset
 from invdiff_min.groups import (auto_t_window, class_topk_groups, group_report, loss_draws, normalize_by_t,
                                 official_groups)
-from invdiff_min.metrics import auroc
+from invdiff_min.metrics import auroc, bias_score
 from invdiff_min.scheduler import DDPMScheduler
 
 import matplotlib.pyplot as plt
@@ -106,13 +109,19 @@ ax.set_ylabel("label effect E|log r|")
 ax.set_xlabel("t window")
 ax.tick_params(axis="x", labelsize=7)
 plt.show()
+print("label effect E|log r| per window: " + ", ".join(f"[{lo}, {hi}) {v:.3f}" for (lo, hi), v in effect.items()))
 print(f"chosen window: [{window[0]}, {window[1]})")
 
 # %% [markdown]
-# What to see: the label's effect on the loss is small everywhere (a few per cent), largest in the
-# middle of the range (orange) and smallest at the largest $t$, where too little of the image is left
-# for the label to be right or wrong about it. Tutorial 3 found the background being decided in the same
-# range.
+# What to see: the label's effect on the loss is small everywhere (a few per cent: the printed
+# $\mathbb E\,\lvert \log r \rvert$ of 0.02 to 0.06), largest in the middle of the range (orange) and
+# smallest at the largest $t$, where too little of the image is left for the label to be right or wrong
+# about it. Tutorials 1, 3 and 4 agree on where the background is decided: between about $t = 500$, from
+# where tutorial 3's two curves part (below it the noisy image fixes the background whatever the label),
+# and about $t = 800$, from where tutorial 1 found the background no longer readable in $x_t$ (the shape
+# is gone long before, from about $t = 200$); the window chosen here (printed above; $[400, 700)$ when we
+# ran it) sits over the start of that range, where the label already weighs on the prediction and $x_t$
+# still holds enough of the background for the label to be right or wrong about.
 #
 # Now $M$ draws in that window, the plain loss and the ratio on the *same* draws, and the AUROC of each
 # variant as a function of how many draws are averaged:
@@ -158,8 +167,11 @@ for ax, (name, values, log) in zip(axes, [("official: 1 draw, t uniform", raw, T
                                            losses, False)]):
     v = values.log10() if log else values
     bins = torch.linspace(float(v.min()), float(v.max()), 50).numpy()
-    for cell in range(4):
-        ax.hist(v[data.group == cell].numpy(), bins=bins, alpha=0.6, density=True, label=cells[cell])
+    for cell in range(4):                                  # red: minority (hidden), grey: majority; discs filled
+        conflicting = cell in (1, 2)                       # disc on water, square on land
+        ax.hist(v[data.group == cell].numpy(), bins=bins, density=True, label=cells[cell],
+                color=("tab:red" if conflicting else "grey"), histtype="stepfilled" if cell < 2 else "step",
+                alpha=0.5 if cell < 2 else 1.0, lw=1.5)
     ax.set_xlabel("log10 loss" if log else "loss")
     ax.set_title(name, fontsize=8)
 axes[0].set_ylabel("density (per cell)")
@@ -223,11 +235,64 @@ print(f"class top-k: {int(high.sum())} images in the high-loss groups; {precisio
 # a little of everything, and their NMI with the hidden (class, background) cells is near 0. Given our
 # loss, the same grouper does put the minority into its highest-risk groups, but it also cuts the
 # majority into several groups of arbitrary size that mix the classes, so its NMI stays low. The
-# per-class top-k split on our loss puts 92 of the 100 minority images into the two small high-risk
-# groups (red), which hold only 8 majority images: four groups that nearly equal the hidden cells. The 5%
-# of `top_fraction` happens to equal the true minority rate of this dataset; on other data
-# the rate is unknown, and a wrong guess trades precision against recall.
+# per-class top-k split on our loss puts most of the minority into the two small high-risk groups (red),
+# and those groups hold few majority images: recall and precision both about 0.9 when we ran it (printed
+# below the figure), four groups that nearly equal the hidden cells (NMI above 0.9). The 5% of
+# `top_fraction` happens to equal the true minority rate of this dataset; on other data the rate is
+# unknown, and a wrong guess trades precision against recall (the second exercise below).
 #
 # `pipeline.compute_losses` and `pipeline.infer_groups` run exactly these steps for the pipeline (with the
 # settings of `cfg.losses` and `cfg.groups`) and save $l_i$ and $W$ keyed by sample index. Tutorial 5
 # trains the guidance head on those groups.
+
+# %% [markdown]
+# ## Two exercises: change something and predict
+#
+# Each takes seconds and trains nothing. Write your prediction down before running the cell.
+#
+# **1. A weaker correlation.** The built-in data pair each class with its usual background in 95% of the
+# training images (`DataConfig.aligned_fraction`). Build the training set with 80% and with 50% instead.
+# For each: how many images are bias-conflicting, what is the Bias of the data, and, *if the per-sample
+# loss ranked the minority perfectly* (the hidden label itself stands in for $l_i$ below), what precision and
+# recall would the per-class top-5% groups reach?
+
+# %%
+for fraction in (0.95, 0.8, 0.5):
+    d = make_dataset(replace(cfg.data, aligned_fraction=fraction), "train")
+    perfect = d.conflicting.float()                                   # a loss that ranks every minority image first
+    top = class_topk_groups(perfect, d.labels, 2, gc.top_fraction)[:, 1::2].sum(1) > 0.5
+    precision, recall = float(d.conflicting[top].float().mean()), float(top[d.conflicting].float().mean())
+    print(f"aligned {fraction:.2f}: {int(d.conflicting.sum()):>4} of {len(d)} bias-conflicting, Bias of the data "
+          f"{bias_score(d.bias, d.labels, 2):.2f}; top {gc.top_fraction:.0%} per class under a perfect loss: "
+          f"precision {precision:.2f}, recall {recall:.2f}")
+
+# %% [markdown]
+# What you should find: the minority is $1 - $ `aligned_fraction` of each class (100, 400 and 1,000 of the
+# 2,000 images) and, with two backgrounds, the Bias of the data is $2 \cdot$ `aligned_fraction` $- 1$ (0.90,
+# 0.60, 0.00). Even a perfect loss cannot put more than 5% of a class into a 5% group: the precision stays
+# 1.00, but the recall falls to 0.25 at 80% and 0.10 at 50%, so stage C would up-weight only a quarter (a
+# tenth) of the images it should. At 50% there is no majority to correct (Bias 0), and a model trained on
+# such data would give the "high-loss" groups no bias to find. The share of the minority is exactly what
+# InvDiff does not know, which is why `top_fraction` is a setting to check against the loss histogram, not
+# a constant.
+#
+# **2. A wrong guess of the minority rate.** Keep the data and the losses $l_i$ computed above (the recipe
+# that `pipeline.compute_losses` saves in the run folder's `losses.safetensors`), and re-split them with
+# `top_fraction` 2%, 5%, 10% and 20% (`groups.class_topk_groups`, as `cfg.groups.top_fraction`). The true
+# minority rate is 5% in each class. Predict the precision and recall of the high-loss groups for each.
+
+# %%
+for fraction in (0.02, 0.05, 0.1, 0.2):
+    high = class_topk_groups(losses, data.labels, 2, fraction)[:, 1::2].sum(1) > 0.5
+    print(f"top_fraction {fraction:.2f}: {int(high.sum()):>3} images in the high-loss groups, precision "
+          f"{float(minority[high].float().mean()):.2f}, recall {float(high[minority].float().mean()):.2f}")
+
+# %% [markdown]
+# What you should find: the 5% row repeats the precision and recall printed above (about 0.9 each). The
+# loss ranks the minority almost perfectly (AUROC near 0.99), so the high-loss groups fill up with minority
+# images first: a guess below the true rate keeps the precision near 1.00 but catches only about
+# `top_fraction` / 5% of the minority (recall about 0.4 at 2%), and a guess above it catches nearly all
+# of the minority (recall near 1) while the groups fill up with majority images (precision about 0.5 at
+# 10% and 0.25 at 20%, close to 5% / `top_fraction`). Too small a guess gives stage C too few minority
+# images to balance on; too large a guess dilutes them with majority images, so the balanced batches of
+# tutorial 5 draw the minority less often.
