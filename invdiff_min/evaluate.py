@@ -24,7 +24,7 @@ from . import amp
 from .data import ATTRIBUTE_NAMES, CLASS_NAMES, DataSplits, from_model_range, read_background, read_shape
 from .diffusion import make_sampler, sample
 from .guidance import GuidedModel
-from .metrics import (attribute_counts, bias_score, fidelity, frechet_distance, image_features, kernel_distance,
+from .metrics import (attribute_shares, bias_score, fidelity, frechet_distance, image_features, kernel_distance,
                       minority_share, precision_recall)
 
 
@@ -94,12 +94,9 @@ class Judge:
         result = {"bias": nan, "minority_share": [nan] * self.num_classes,
                   "attribute_share": [[nan] * self.num_attributes for _ in range(self.num_classes)]}
         if len(a):                               # nothing readable: no Bias to speak of
-            classes, counts = attribute_counts(a, y, self.num_attributes)          # (P, K) for present classes
-            shares = torch.full((self.num_classes, self.num_attributes), nan)
-            shares[classes] = counts / counts.sum(1, keepdim=True)
             result = {"bias": bias_score(a, y, self.num_attributes),
                       "minority_share": minority_share(a, y, self.num_classes),
-                      "attribute_share": shares.tolist()}                        # [class][attribute]
+                      "attribute_share": attribute_shares(a, y, self.num_attributes, self.num_classes)}
         result.update(fidelity=fidelity(self.read_class(images), labels), n=len(labels),
                       unreadable_attribute=int((~readable).sum()))
         if self.features is not None and self.reference is not None:

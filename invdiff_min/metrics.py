@@ -72,6 +72,16 @@ def bias_score(attributes, labels, num_attributes: int) -> float:
     return float(per_class.mean())
 
 
+def attribute_shares(attributes, labels, num_attributes: int, num_classes: int | None = None) -> list[list[float]]:
+    """p(a | class) for every class 0..num_classes - 1 (default: up to the largest label): [class][attribute],
+    rows summing to 1 (balanced: 1 / K each); NaN for a class with no samples."""
+    classes, counts = attribute_counts(attributes, labels, num_attributes)
+    rows = int(classes.max()) + 1 if num_classes is None else _as_count(num_classes, "num_classes", 1)
+    shares = torch.full((rows, num_attributes), float("nan"))
+    shares[classes] = counts / counts.sum(1, keepdim=True)
+    return shares.tolist()
+
+
 def fairness_discrepancy(attributes, labels, num_attributes: int) -> float:
     """Mean over classes of || p(a | class) - uniform ||_2 (Choi et al. 2020)."""
     _, counts = attribute_counts(attributes, labels, num_attributes)

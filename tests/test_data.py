@@ -46,3 +46,34 @@ def test_bad_dataset_settings_are_refused():
         make_dataset(DataConfig(), "test")
     with pytest.raises(ValueError, match="RGB"):
         read_background(torch.zeros(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_k_valued_benchmarks_read_exactly_and_spread_the_minority_evenly(k):
+    from invdiff_min.data import load_splits
+
+    cfg = DataConfig(name=f"shapes{k}", num_samples=1200, aligned_fraction=0.9, eval_per_group=20)
+    splits = load_splits(cfg)
+    train, ev = splits.train, splits.eval
+    assert train.num_classes == train.num_attributes == k and len(train.class_names) == k
+    for d in (train, ev):
+        assert torch.equal(read_background(d.images, k), d.bias)
+        assert torch.equal(read_shape(d.images, k), d.labels)
+        assert torch.equal(splits.spec.read_class(d.images, k), d.labels)
+    per_class = 1200 // k
+    conflicting = round(0.1 * per_class)
+    for c in range(k):   # round(0.1 n) conflicting samples per class, spread evenly over the other values
+        counts = torch.bincount(train.bias[train.labels == c], minlength=k)
+        assert int(counts[c]) == per_class - conflicting
+        others = [int(counts[j]) for j in range(k) if j != c]
+        assert sum(others) == conflicting and max(others) - min(others) <= 1
+    assert torch.bincount(ev.group).tolist() == [20] * (k * k)
+
+
+def test_k_valued_benchmark_defaults():
+    from invdiff_min.data import get_spec
+
+    assert get_spec("shapes3").defaults == {"aligned_fraction": 0.9}
+    with pytest.raises(ValueError, match="2, 3 or 4"):
+        from invdiff_min.data.shapes import make_split
+        make_split(DataConfig(), "train", k=5)

@@ -198,3 +198,16 @@ def test_quality_distance_inputs_are_checked():
         image_features(SmallCNN(3, 2), torch.rand(2, 3, 8, 8) * 2 - 1)
     with pytest.raises(ValueError, match="3-channel"):
         image_features(SmallCNN(3, 2), torch.rand(2, 1, 8, 8))
+
+
+def test_attribute_shares_per_class_with_k_values():
+    from invdiff_min.metrics import attribute_shares
+
+    a = torch.tensor([0, 0, 1, 2, 2, 2, 2, 1])
+    y = torch.tensor([0, 0, 0, 0, 2, 2, 2, 2])
+    shares = attribute_shares(a, y, 3)
+    assert shares[0] == [0.5, 0.25, 0.25] and shares[2] == [0.0, 0.25, 0.75]
+    assert all(v != v for v in shares[1])                              # class 1 absent: NaN
+    assert len(attribute_shares(a, y, 3, num_classes=4)) == 4
+    # the paper's Bias for K = 3: class 0 gaps |2-1| + |2-1| + |1-1| = 2 over 4 samples and 3 pairs
+    assert bias_score(a, y, 3) == pytest.approx(((2 / 4) / 3 + ((3 + 2 + 1) / 4) / 3) / 2)

