@@ -10,6 +10,8 @@ are reused for the run's head seed), then samples every model with the same seed
 reports Bias, minority share per class and fidelity at each strength w:
 
     invdiff               inferred groups (class top-k), group-balanced batches   (our default)
+    invdiff_unsplit       the same without splitting high-loss groups by the label profile (K > 2 classes;
+                          with 2 classes it equals invdiff)
     invdiff_uniform       inferred groups, uniform batches                        (the official batching)
     official_groups       the official grouper (G = 8, soft, Adam), balanced batches
     oracle                hidden (y, b) groups, balanced batches                  (upper bound, not label-free)
@@ -35,12 +37,13 @@ from invdiff_min.checkpoint import load_tensors, load_unet, read_json, save_tens
 from invdiff_min.config import RunConfig
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
-from invdiff_min.groups import group_report, official_groups
+from invdiff_min.groups import class_topk_groups, group_report, official_groups
 from invdiff_min.guidance import load_head
 
 VARIANTS = {  # name: (group source, batch sampling)
     "invdiff": ("invdiff", "balanced"),
     "invdiff_uniform": ("invdiff", "uniform"),
+    "invdiff_unsplit": ("unsplit", "balanced"),
     "official_groups": ("official", "balanced"),
     "oracle": ("oracle", "balanced"),
     "oracle_uniform": ("oracle", "uniform"),
@@ -51,6 +54,9 @@ VARIANTS = {  # name: (group source, batch sampling)
 def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> torch.Tensor:
     """The group assignment W of a variant: the run's inferred groups, the hidden cells, one group, or the
     official grouper's (computed once and kept in RUN/bench/)."""
+    if source == "unsplit":
+        losses = load_tensors(run_dir / "losses.safetensors")["loss"]
+        return class_topk_groups(losses, data.labels, data.num_classes, cfg.groups.top_fraction)
     if source != "official":
         inferred = pipeline.load_groups(run_dir) if source == "invdiff" else None
         return pipeline.group_assignments(source, data, inferred)
@@ -70,13 +76,23 @@ def _stat(values: list[float]) -> str:
 
 
 def markdown_table(report: dict, num_classes: int) -> str:
-    """One row per (model, w): mean ± spread over head seeds of Bias, minority share per class, fidelity and
+    """One row per (model, w): mean ± spread over head seeds of Bias, minority share per class (K > 2
+    values: each value's share per class, and the largest |share - 1/K| over classes and values), fidelity and
     the quality distances (FD, precision, recall) to the balanced real set."""
-    lines = ["| model | w | seeds | Bias | minority share per class | fidelity | FD | precision | recall |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    k = len(next(iter(report["models"]["base"].values()))[0]["attribute_share"][0])
+    many = k > 2
+    title = "value shares per class | max gap to 1/K" if many else "minority share per class"
+    lines = [f"| model | w | seeds | Bias | {title} | fidelity | FD | precision | recall |",
+             "|---|---|---|---|---|" + ("---|" if many else "") + "---|---|---|---|"]
     for name, by_w in report["models"].items():
         for w, runs in by_w.items():
-            shares = " / ".join(_stat([r["minority_share"][c] for r in runs]) for c in range(num_classes))
+            if many:
+                shares = ", ".join("/".join(f"{statistics.mean(r['attribute_share'][c][a] for r in runs):.2f}"
+                                            for a in range(k)) for c in range(num_classes))
+                shares += " | " + _stat([max(abs(v - 1 / k) for row in r["attribute_share"] for v in row)
+                                         for r in runs])
+            else:
+                shares = " / ".join(_stat([r["minority_share"][c] for r in runs]) for c in range(num_classes))
             quality = " | ".join(_stat([r[k] for r in runs]) if k in runs[0] else "" for k in
                                  ("fd", "precision", "recall"))
             lines.append(f"| {name} | {w} | {len(runs)} | {_stat([r['bias'] for r in runs])} | {shares} | "
@@ -150,7 +166,7 @@ def main() -> None:
     for name in args.variants:
         source, batching = VARIANTS[name]
         assignments = variant_assignments(cfg, run_dir, source, data)
-        if source in ("invdiff", "official"):
+        if source in ("invdiff", "official", "unsplit"):
             report["groups"][source] = group_report(assignments, losses, data.labels, data.conflicting,
                                                     data.group).to_dict()
         results: dict = {}

@@ -62,6 +62,8 @@ class LossConfig:
     batch_size: int = 500
     auto_window_draws: int = 2             # auto t window: draws per candidate window (was 4; same window)
     auto_window_samples: int = 400         # auto t window: samples it is estimated on
+    profile_draws: int = 4                 # more than 2 classes: draws of the label profile P (groups.label_profile)
+    #                                        that splits each class's high-loss group by attribute value; 0 = off
     seed: int = 0
 
 
@@ -71,6 +73,8 @@ class GroupConfig:
     groups that spread the group risks R_g most (its variance term)."""
     method: str = "class_topk"             # "class_topk" (our default: per-class high-loss group) or "official"
     top_fraction: float = 0.05             # class_topk: share of each class put in its high-loss group
+    min_subgroup: float = 0.2              # class_topk, > 2 classes: least share of a high-loss group a sub-group
+    #                                        needs (smaller ones join the others)
     num_groups: int = 8                    # official: G (8 or 16 in the released scripts)
     steps: int = 500                       # official: Adam steps on W
     lr: float = 0.01                       # official: Adam learning rate
@@ -232,6 +236,8 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "train.ema_decay": (0.0, 1.0, "an EMA decay"), "head.ema_decay": (0.0, 1.0, "an EMA decay"),
     "train.p_uncond": (0.0, 1.0, "a probability"), "head.lam": (0.0, 1e6, "lambda of L_e"),
     "groups.top_fraction": (1e-6, 0.999999, "a share of each class"), "groups.num_groups": (1, 100_000, "groups"),
+    "losses.profile_draws": (0, 10_000, "draws of the label profile (0 = off)"),
+    "groups.min_subgroup": (0.0, 1.0, "a share of a high-loss group"),
     "data.resolution": (8, MAX_SIDE, "the image side; memory grows with its square"),
     "data.num_samples": (2, MAX_SAMPLES, "training images"), "eval.n_per_class": (1, 100_000, "samples per class"),
     "eval.num_steps": (1, 100_000, "sampling steps"), "eval.strength": (0.0, 20.0, "the guidance strength w"),

@@ -137,6 +137,39 @@ def auto_t_window(model, scheduler, images, labels, width: int = 300, stride: in
     return best, scores
 
 
+@torch.no_grad()
+def label_profile(model, scheduler: _NoiseSchedule, images: torch.Tensor, num_classes: int, num_draws: int,
+                  t_window: tuple[int, int], batch_size: int = 500, seed: int = 0, device="cpu",
+                  progress: bool = False) -> torch.Tensor:
+    """How well each class label explains each sample, relative to no label, in the t window:
+        P_ik = (1/M) sum_m log( ||eps_theta(x_t, t_m, k) - eps_m||^2 / ||eps_theta(x_t, t_m, null) - eps_m||^2 )
+    with the same x_t for every label k (paired draws).  images (N, C, H, W) in [0, 1] -> P (N, K) float32.
+    P_i,y_i is the log of the ratio loss above (one draw of it). A bias-conflicting sample of class c whose
+    attribute is the one label k goes with is explained better by k than by the other wrong labels: its
+    attribute is what label k "expects". `class_topk_groups` splits a class's high-loss group by that label.
+    deviation (paper, official code): not in either; their groups come from one loss per sample."""
+    null_label = getattr(model, "null_label", None)
+    if null_label is None:
+        raise ValueError("label_profile needs a class-conditional model with a null label")
+    lo, hi = t_window
+    n = len(images)
+    profile = torch.zeros(n, num_classes)
+    g = torch.Generator().manual_seed(seed)
+    n_batches = (n + batch_size - 1) // batch_size
+    for step in progress_bar("B. label profile", 0, num_draws * n_batches, progress):
+        start = (step % n_batches) * batch_size
+        sl = slice(start, start + batch_size)
+        x0 = to_model_range(images[sl])
+        t = torch.randint(lo, hi, (len(x0),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        x0, t, eps = x0.to(device), t.to(device), eps.to(device)
+        null = denoising_loss(model, scheduler, x0, torch.full_like(t, null_label), t, eps).clamp(min=1e-12)
+        for k in range(num_classes):
+            loss_k = denoising_loss(model, scheduler, x0, torch.full_like(t, k), t, eps)
+            profile[sl, k] += (loss_k.clamp(min=1e-12) / null).log().cpu() / num_draws
+    return profile
+
+
 # ----- 2. group inference ----------------------------------------------------------------------------------
 def group_risks(weights: torch.Tensor, losses: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """R_g = sum_i W_ig l_i / sum_i W_ig for every group.  weights (N, G), losses (N,) -> (G,)."""
@@ -182,14 +215,22 @@ def official_groups(losses: torch.Tensor, num_groups: int = 8, steps: int = 500,
     return to_hard(best) if hard else best
 
 
-def class_topk_groups(losses: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                      top_fraction: float = 0.05) -> torch.Tensor:
-    """Hard groups: group 2c + 1 = the top `top_fraction` losses of class c ("high loss"), 2c = the rest.
-    Returns one-hot W (N, 2 * num_classes).
+def class_topk_groups(losses: torch.Tensor, labels: torch.Tensor, num_classes: int, top_fraction: float = 0.05,
+                      profile: torch.Tensor | None = None, min_subgroup: float = 0.2) -> torch.Tensor:
+    """Hard groups: the top `top_fraction` losses of each class c ("high loss") against the rest of c.
+    Without `profile`: one-hot W (N, 2 * num_classes), group 2c = the rest, 2c + 1 = the high-loss samples.
+    With `profile` (N, K), P of `label_profile`, for K > 2 classes: the high-loss samples of c are split by the
+    other label that explains each best, argmin_{k != c} P_ik, one sub-group per other label that takes at
+    least `min_subgroup` of them (chosen label-free; the rest go to their best label among those kept). With a
+    K-valued attribute, each minority value of a class then has its own group, and balancing over the groups
+    asks for each value, not for "anything but the majority". W (N, K * num_classes): column c K = the rest of
+    c, c K + j = its high-loss samples best explained by the j-th label other than c (2 classes: the same
+    groups as without a profile).
     deviation (official: Adam on a soft W over G = 8 groups mixed across classes, `official_groups`): the same
     objective solved exactly within each class; the official grouper's groups reach NMI 0.13 here (README)."""
     if not 0 < top_fraction < 1:
         raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
+    per_class = 2 if profile is None else num_classes
     group = torch.empty(len(losses), dtype=torch.long)
     for c in range(num_classes):
         idx = (labels == c).nonzero().squeeze(1)
@@ -197,9 +238,17 @@ def class_topk_groups(losses: torch.Tensor, labels: torch.Tensor, num_classes: i
             continue
         k = max(1, int(round(top_fraction * len(idx))))
         high = idx[losses[idx].argsort(descending=True)[:k]]
-        group[idx] = 2 * c
-        group[high] = 2 * c + 1
-    return torch.nn.functional.one_hot(group, 2 * num_classes).float()
+        group[idx] = per_class * c
+        if profile is None:
+            group[high] = per_class * c + 1
+            continue
+        others = torch.tensor([j for j in range(num_classes) if j != c])        # (K - 1,) the other labels
+        best = profile[high][:, others].argmin(1)                               # (k,) position in `others`
+        kept = torch.bincount(best, minlength=len(others)) >= min_subgroup * len(high)
+        kept[torch.bincount(best, minlength=len(others)).argmax()] = True       # at least one sub-group
+        masked = profile[high][:, others].masked_fill(~kept, float("inf"))
+        group[high] = per_class * c + 1 + masked.argmin(1)
+    return torch.nn.functional.one_hot(group, per_class * num_classes).float()
 
 
 def oracle_groups(labels: torch.Tensor, bias: torch.Tensor, num_attributes: int) -> torch.Tensor:

@@ -30,10 +30,10 @@ from .config import DiffusionConfig, RunConfig
 from .data import BiasedDataset, DataSplits, from_model_range, to_model_range
 from .diffusion import denoising_loss, lr_at, make_sampler, sample, training_loss, update_ema
 from .evaluate import SampleSettings, make_judge, sample_and_judge
-from .groups import (auto_t_window, check_group_index, class_topk_groups, group_report, loss_draws, normalize_by_t,
-                     official_groups, oracle_groups, per_sample_losses, uniform_groups)
+from .groups import (auto_t_window, check_group_index, class_topk_groups, group_report, label_profile, loss_draws,
+                     normalize_by_t, official_groups, oracle_groups, per_sample_losses, uniform_groups)
 from .guidance import GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, invariant_loss, load_head
-from .metrics import auroc, bias_score, minority_share
+from .metrics import attribute_shares, auroc, bias_score, minority_share
 from .plots import save_grid, save_loss_curve, save_loss_histogram
 from .progress import progress_bar
 from .runs import GROUPS_FILES, LOSSES_FILES, MetricsLog, complete, discard_replaced, resume_stage, save_stage
@@ -217,6 +217,7 @@ class PerSampleLosses:
     t_window: tuple[int, int]
     info: dict = field(default_factory=dict)   # settings, the label-free window scores, AUCs (evaluation only)
     official: torch.Tensor | None = None       # --compare: the official recipe's losses (1 draw, t uniform, x0)
+    profile: torch.Tensor | None = None        # (N, K) label profile P, more than 2 classes (groups.label_profile)
 
 
 def sharded_per_sample_losses(model, scheduler, images, labels, num_draws: int, t_window: tuple[int, int],
@@ -267,6 +268,12 @@ def compute_losses(cfg: RunConfig, data: BiasedDataset, base: UNet, device: torc
                          progress)
     result = PerSampleLosses(losses, data.index, window, info)
     info.update(loss_aucs(losses, data))                             # evaluation only (hidden labels)
+    if data.num_classes > 2 and settings.profile_draws > 0:          # every rank computes it whole (cheap)
+        with amp.autocast(device, cfg.train.precision):
+            result.profile = label_profile(base, scheduler, data.images, data.num_classes, settings.profile_draws,
+                                           window, settings.batch_size, settings.seed + 20_000, device,
+                                           progress and dist.is_main())
+        info["profile_draws"] = settings.profile_draws
     if compare and settings.reference != "none":                     # the paper's plain loss, same window and draws
         plain = losses_with(settings.num_draws, window, True, settings.target, "none")
         info.update({f"plain_loss_{k}": v for k, v in loss_aucs(plain, data).items()})
@@ -300,7 +307,8 @@ def infer_groups(cfg: RunConfig, data: BiasedDataset, losses: PerSampleLosses) -
     check_group_index(losses.index, data.index, "the per-sample losses")
     settings = cfg.groups
     if settings.method == "class_topk":
-        w = class_topk_groups(losses.loss, data.labels, data.num_classes, settings.top_fraction)
+        w = class_topk_groups(losses.loss, data.labels, data.num_classes, settings.top_fraction, losses.profile,
+                              settings.min_subgroup)
     elif settings.method == "official":
         w = official_groups(losses.loss, settings.num_groups, settings.steps, settings.lr, settings.w_nz,
                             settings.restarts, settings.seed, data.labels if settings.within_class else None,
@@ -435,6 +443,8 @@ def evaluate(cfg: RunConfig, splits: DataSplits, base: UNet, heads: dict[str, In
                      "n_per_class": settings.n_per_class, "judged_by": judge.how,
                      "training_data": {"bias": bias_score(data.bias, data.labels, data.num_attributes),
                                        "minority_share": minority_share(data.bias, data.labels, data.num_classes),
+                                       "attribute_share": attribute_shares(data.bias, data.labels,
+                                                                           data.num_attributes),
                                        "fidelity": 1.0, "n": len(data)}}
     images, _, summary["base"] = sample_and_judge(base, None, 0.0, judge, how)
     grids = {"base": images}
@@ -463,15 +473,21 @@ def save_comparison(path: Path, grids: dict[str, torch.Tensor], cfg: RunConfig, 
 
 def summary_table(summary: dict) -> str:
     """The summary as a few lines of text (what train.py prints at the end)."""
+    shares_of = summary["base"].get("attribute_share", [[0, 0]])
+    many = len(shares_of[0]) > 2         # K > 2 values: each value's share per class, "a/b/c" (balanced: 1/K each)
+    title, width = ("value shares per class", 16 * len(shares_of)) if many else ("minority share per class", 28)
     lines = [f"bias of generated images ({summary['sampler']}, {summary['n_per_class']} per class, "
              f"w = {summary['strength']}):",
-             f"  {'model':<14}{'Bias':>7}{'minority share per class':>28}{'fidelity':>10}{'FD':>9}"]
+             f"  {'model':<14}{'Bias':>7}{title:>{width}}{'fidelity':>10}{'FD':>9}"]
     for name in ("training_data", "base", *HEADS):
         if name in summary:
             r = summary[name]
-            shares = ", ".join(f"{m:.3f}" for m in r["minority_share"])
+            if many:
+                shares = ", ".join("/".join(f"{v:.2f}" for v in row) for row in r["attribute_share"])
+            else:
+                shares = ", ".join(f"{m:.3f}" for m in r["minority_share"])
             fd = f"{r['fd']:>9.3f}" if "fd" in r else ""
-            lines.append(f"  {name:<14}{r['bias']:>7.3f}{shares:>28}{r['fidelity']:>10.3f}{fd}")
+            lines.append(f"  {name:<14}{r['bias']:>7.3f}{shares:>{width}}{r['fidelity']:>10.3f}{fd}")
     if "quality" in summary.get("judged_by", {}):
         lines.append(f"  FD: quality distance to the balanced real set, {summary['judged_by']['quality']}")
     return "\n".join(lines)
@@ -551,7 +567,8 @@ def save_losses(run_dir: Path, losses: PerSampleLosses, base_ckpt: Path) -> None
     if losses.official is not None:
         save_tensors(run_dir / "losses_official.safetensors", {"loss": losses.official, "index": losses.index})
     write_json(run_dir / "losses.json", {"base_checkpoint": str(base_ckpt), **losses.info})
-    save_tensors(run_dir / "losses.safetensors", {"loss": losses.loss, "index": losses.index},
+    profile = {} if losses.profile is None else {"profile": losses.profile}
+    save_tensors(run_dir / "losses.safetensors", {"loss": losses.loss, "index": losses.index, **profile},
                  {"t_window": list(losses.t_window)})
     print(f"[losses] {run_dir / 'losses.safetensors'}: AUC for the hidden minority {losses.info['auc']:.3f} "
           f"(evaluation only)")
@@ -560,7 +577,8 @@ def save_losses(run_dir: Path, losses: PerSampleLosses, base_ckpt: Path) -> None
 def load_losses(run_dir: Path) -> PerSampleLosses:
     info = read_json_object(run_dir / "losses.json")
     saved = load_tensors(run_dir / "losses.safetensors")
-    return PerSampleLosses(saved["loss"], saved["index"], tuple(info["t_window"]), info)
+    return PerSampleLosses(saved["loss"], saved["index"], tuple(info["t_window"]), info,
+                           profile=saved.get("profile"))
 
 
 def save_groups(run_dir: Path, groups: Groups, data: BiasedDataset, losses: torch.Tensor) -> None:

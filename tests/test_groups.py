@@ -103,3 +103,82 @@ def test_null_reference_ratio_and_label_free_window():
     assert window == (600, 900) and scores[(600, 900)] > scores[(500, 800)] > scores[(0, 300)] == 0.0
     with pytest.raises(ValueError, match="null label"):
         per_sample_losses(_Model(), sched, images, labels, 1, (0, 10), reference="null")
+
+
+class _ExpectsValue(torch.nn.Module):
+    """A 3-class stand-in whose label k "expects" attribute value k: under label k it is off by 0.1 for the
+    samples whose hidden value is k and by 0.5 elsewhere; under the null label it is off by
+    0.25 everywhere. (Needs the eps of the draw, so it reads it from x_t: x0 is zero, x_t = sqrt(1-abar) eps.)"""
+    null_label = 3
+
+    def __init__(self, value, scheduler):
+        super().__init__()
+        self.value, self.scheduler = value, scheduler
+
+    def forward(self, x, t, y):
+        eps = x / (1 - self.scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        value = self.value.repeat(len(x) // len(self.value))
+        off = torch.where(y == self.null_label, 0.25, torch.where(y == value, 0.1, 0.5))
+        return eps + off.view(-1, 1, 1, 1)
+
+
+def test_label_profile_names_the_label_each_sample_goes_with():
+    from invdiff_min.groups import label_profile, loss_draws
+
+    sched = DDPMScheduler()
+    value = torch.tensor([0, 1, 2, 2, 1, 0])
+    images = torch.full((6, 3, 4, 4), 0.5)                      # x0 = 0 in the model's range
+    model = _ExpectsValue(value, sched)
+    p = label_profile(model, sched, images, 3, num_draws=2, t_window=(100, 900), batch_size=6, seed=3)
+    assert p.shape == (6, 3) and torch.equal(p.argmin(1), value)
+    # off by 0.5 against 0.25: log(0.25 / 0.0625) = log 4 for every wrong label
+    wrong = torch.ones(6, 3, dtype=torch.bool)
+    wrong[torch.arange(6), value] = False
+    assert torch.allclose(p[wrong], torch.full((12,), 4.0).log())
+    # its column for a sample's own label is the log of loss_draws' null ratio, on the same draws
+    labels = torch.tensor([1, 1, 0, 2, 2, 1])
+    ratios, _ = loss_draws(model, sched, images, labels, 2, (100, 900), batch_size=6, seed=3, reference="null")
+    assert torch.allclose(p[torch.arange(6), labels], ratios.clamp(min=1e-12).log().mean(1), atol=1e-5)
+
+
+def planted_k3(n=3000, seed=0):
+    """3 classes, 3 attribute values, value c aligned with class c 90% of the time and the 10% conflicting
+    spread over the other two; the conflicting samples have high loss, and a profile naming their value
+    (with noise)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    value = labels.clone()
+    flip = torch.rand(n, generator=g) < 0.1
+    value[flip] = (labels[flip] + 1 + (torch.rand(int(flip.sum()), generator=g) < 0.5).long()) % 3
+    losses = 1.0 + 0.1 * torch.randn(n, generator=g) + 0.5 * flip
+    profile = torch.nn.functional.one_hot(value, 3).float() * -1.0 + 0.2 * torch.randn(n, 3, generator=g)
+    return losses, labels, value, profile
+
+
+def test_class_topk_splits_each_high_loss_group_by_attribute_value():
+    losses, labels, value, profile = planted_k3()
+    w = class_topk_groups(losses, labels, 3, top_fraction=0.05, profile=profile)
+    assert w.shape == (3000, 9) and torch.equal(w.sum(1), torch.ones(3000))
+    group = w.argmax(1)
+    for c in range(3):
+        others = [j for j in range(3) if j != c]
+        for j, k in enumerate(others):       # sub-group c K + 1 + j holds the high-loss samples of value k
+            members = value[group == 3 * c + 1 + j]
+            assert len(members) > 10 and float((members == k).float().mean()) > 0.95
+    unsplit = class_topk_groups(losses, labels, 3, top_fraction=0.05)
+    assert unsplit.shape == (3000, 6)
+    high = unsplit[:, 1::2].sum(1).bool()                       # the same samples are "high loss" either way
+    assert torch.equal(high, (group % 3) != 0)
+
+
+def test_class_topk_profile_changes_nothing_with_two_classes_and_merges_small_subgroups():
+    losses, labels, conflicting = planted_losses()
+    profile = torch.randn(2000, 2)
+    assert torch.equal(class_topk_groups(losses, labels, 2, 0.05, profile), class_topk_groups(losses, labels, 2, 0.05))
+    losses, labels, value, profile = planted_k3()
+    profile[:, 2] += 5.0 * (labels == 0)                          # class 0: label 2 explains none of them ...
+    few = ((labels == 0) & (value == 2)).nonzero().squeeze(1)[:3]
+    profile[few, 2], losses[few] = -10.0, 10.0                    # ... but these three: too few for a group
+    w = class_topk_groups(losses, labels, 3, 0.05, profile, min_subgroup=0.2)
+    assert int(w[:, 2].sum()) == 0 and int(w[:, 1].sum()) == round(0.05 * 1000)   # one sub-group for class 0
+    assert int(w[:, 4].sum()) > 10 and int(w[:, 5].sum()) > 10    # the other classes keep both

@@ -214,3 +214,24 @@ def test_bad_dataset_arguments_give_one_line_errors(args, message, tmp_path):
     assert isinstance(exit_.value.code, str) and exit_.value.code.startswith("error: ")
     assert message in exit_.value.code and "\n" not in exit_.value.code
     assert not (tmp_path / "x").exists()                      # nothing written for a refused command
+
+
+def test_whole_pipeline_on_the_built_in_k3_benchmark(tmp_path):
+    """--dataset shapes3: the label profile is computed, each class's high-loss group is split by it (K groups
+    per class), and the report gives each value's share per class."""
+    from invdiff_min.checkpoint import load_tensors
+
+    out = tmp_path / "run"
+    r = run("train.py", "--preset", "tiny", "--dataset", "shapes3", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "value shares per class" in r.stdout and "3 attribute values" in r.stdout
+    losses = load_tensors(out / "losses.safetensors")
+    assert losses["profile"].shape == (len(losses["loss"]), 3)
+    weights = load_tensors(out / "groups.safetensors")["weights"]
+    assert weights.shape == (len(losses["loss"]), 9) and torch.equal(weights.sum(1), torch.ones(len(weights)))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "shapes3" and summary["data_seed"] == 0
+    assert summary["training_data"]["attribute_share"][0] == pytest.approx([0.9, 0.05, 0.05], abs=0.01)
+    assert len(summary["invdiff"]["attribute_share"]) == 3 and len(summary["invdiff"]["attribute_share"][0]) == 3
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["data"]["aligned_fraction"] == 0.9 and saved["unet"]["num_classes"] == 3
