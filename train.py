@@ -12,6 +12,7 @@
     python train.py --resume                     # continue an interrupted run; finished stages are skipped
     python train.py --compare                    # also the oracle-group and uniform-weight reference heads
     python train.py --set head.lam=2 --set losses.num_draws=16     # any config field (invdiff_min/config.py)
+    python train.py --dataset shapes3            # built in, a three-valued bias (shapes4: four)
     python train.py --dataset cmnist             # Colored-MNIST-5k (pip install -e ".[cmnist]")
     python train.py --dataset waterbirds --data-root /data/waterbirds --resolution 32 --preset gpu
     torchrun --standalone --nproc_per_node 4 train.py --preset gpu    # data-parallel on 4 GPUs
@@ -55,8 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory layout (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks being trained")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the dataset (selection, colours)")
-    p.add_argument("--dataset", default="shapes", help="shapes (built in, default), cmnist, waterbirds, celeba, "
-                                                       "fairface or folder")
+    p.add_argument("--dataset", default="shapes", help="shapes (built in, default), shapes3, shapes4 (built in, "
+                                                       "K = 3, 4), cmnist, waterbirds, celeba, fairface or folder")
     p.add_argument("--data-root", default=None, help="folder of a real dataset (docs/datasets.md: layouts)")
     p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                    help="loader option, repeatable: target=Blond_Hair, bias=Male, digits=[0,1], "
