@@ -5,8 +5,8 @@
 # image is noised, how fast (the schedule), and what the network is asked to predict. Everything here is
 # closed-form; nothing is trained. It runs in seconds.
 #
-# The series is six notebooks, in order; all six took 38 minutes of one core with `OMP_NUM_THREADS=1`
-# (executed two at a time on a 2-core CPU; the README lists each one's time). On one core, tutorial 2
+# The series is six notebooks, in order; all six took 37 minutes of one core with `OMP_NUM_THREADS=1`
+# (executed one after the other on a 2-core CPU busy with two other jobs; the README lists each one's time). On one core, tutorial 2
 # trains the base model the later ones share (about 5 minutes), tutorials 5 and 6 train guidance heads
 # (the longest steps of the series) and tutorial 6 also fine-tunes a model for about 3 minutes; the other
 # notebooks take a few minutes or less, and each prints the time of its long steps. With

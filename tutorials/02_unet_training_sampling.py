@@ -10,7 +10,7 @@
 # %%
 import torch
 
-from common import FAST, TutorialRun
+from common import FAST, TutorialRun, show_rows
 
 print(f"fast mode: {FAST}")
 run = TutorialRun.start()                       # the small run shared by tutorials 2-6
@@ -287,12 +287,7 @@ for name, steps in runs:
     print(f"{name.upper()}-{steps:<5} {time.time() - t0:5.1f} s   fidelity {report['fidelity']:.2f}")
     rows += [images[:8], images[n:n + 8]]
     names += [f"{name.upper()}-{steps}: {CLASS_NAMES[0]}", f"{name.upper()}-{steps}: {CLASS_NAMES[1]}"]
-grid = image_grid(torch.cat(rows), nrow=8)
-fig, ax = plt.subplots(figsize=(6, 6))
-ax.imshow(grid.numpy(), interpolation="nearest")
-ax.set_xticks([])
-ax.set_yticks([(i + 0.5) * grid.shape[0] / len(names) for i in range(len(names))], names)
-plt.show()
+show_rows(rows, names, 6)
 
 # %% [markdown]
 # What to see: every sampler draws mostly discs in the disc rows and squares in the square rows, mostly on
@@ -366,12 +361,7 @@ for s in scales:
           f"(disc, square) {report['minority_share'][0]:.2f}, {report['minority_share'][1]:.2f}")
     rows += [images[:8], images[n:n + 8]]
     names += [f"s={s}: {CLASS_NAMES[0]}", f"s={s}: {CLASS_NAMES[1]}"]
-grid = image_grid(torch.cat(rows), nrow=8)
-fig, ax = plt.subplots(figsize=(6, 1.5 * len(scales)))
-ax.imshow(grid.numpy(), interpolation="nearest")
-ax.set_xticks([])
-ax.set_yticks([(i + 0.5) * grid.shape[0] / len(names) for i in range(len(names))], names)
-plt.show()
+show_rows(rows, names, 1.5 * len(scales))
 
 # %% [markdown]
 # What to see: at $s = 0$ the label is ignored, so both rows of a pair hold a mix of shapes and

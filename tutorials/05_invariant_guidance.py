@@ -35,7 +35,7 @@
 # %%
 import torch
 
-from common import FAST, TutorialRun
+from common import FAST, TutorialRun, show_rows
 from invdiff_min import pipeline
 
 print(f"fast mode: {FAST}")
@@ -51,7 +51,6 @@ from invdiff_min.data import CLASS_NAMES, make_dataset
 from invdiff_min import InvDiffPipeline
 from invdiff_min.evaluate import judge
 from invdiff_min.guidance import (GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, invariant_loss)
-from invdiff_min.plots import image_grid
 
 import matplotlib.pyplot as plt
 
@@ -334,12 +333,7 @@ for name, imgs in [("base", base_images)] + [(f"{h}, w={w_show:g}", images[h, w_
     for c in range(2):
         rows.append(imgs[c * n: c * n + 8])
         names.append(f"{name}: {CLASS_NAMES[c]}")
-grid = image_grid(torch.cat(rows), nrow=8)
-fig, ax = plt.subplots(figsize=(6, 7))
-ax.imshow(grid.numpy(), interpolation="nearest")
-ax.set_xticks([])
-ax.set_yticks([(i + 0.5) * grid.shape[0] / len(names) for i in range(len(names))], names)
-plt.show()
+show_rows(rows, names, 7)
 
 # %% [markdown]
 # What to see: the same seeds give the same layouts in every row (guidance shifts the images, it does not

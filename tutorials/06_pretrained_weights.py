@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import FAST, TutorialRun
+from common import FAST, TutorialRun, show_rows
 from invdiff_min import pipeline
 
 print(f"fast mode: {FAST}")
@@ -154,12 +154,7 @@ for name, w in [("converted (w = 0)", 0.0)] + [(f"InvDiff, w = {w:g}", w) for w 
     for k in range(2):
         rows.append(images[k * n: k * n + 8])
         names.append(f"{name}: {CLASS_NAMES[k]}")
-grid = image_grid(torch.cat(rows), nrow=8)
-fig, ax = plt.subplots(figsize=(6, 0.75 * len(names)))
-ax.imshow(grid.numpy(), interpolation="nearest")
-ax.set_xticks([])
-ax.set_yticks([(i + 0.5) * grid.shape[0] / len(names) for i in range(len(names))], names)
-plt.show()
+show_rows(rows, names, 0.75 * len(names))
 
 # %% [markdown]
 # What to see: the numbers and pictures of tutorial 5's InvDiff head: same weights, same groups, same

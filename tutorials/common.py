@@ -1,8 +1,9 @@
 """What the tutorial notebooks share: the checkout's library on the path, fast mode, plot settings, and the small
 run that tutorials 2-6 train once and share.
 
-    from common import FAST, TutorialRun
+    from common import FAST, TutorialRun, show_rows
     run = TutorialRun.start()          # its config, run folder, data (built once) and device
+    show_rows(rows, names, height)     # image rows, 8 per row, one name each (the grids of 02, 05, 06)
 
 The run lives in the temp folder under a key made of its config and the library's source, so a changed library
 never reuses a stale model. INVDIFF_FAST=1 (the tests' fast mode) shrinks data, models and step counts; the
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 from invdiff_min import pipeline  # noqa: E402
 from invdiff_min.config import RunConfig, get_preset, pick_device  # noqa: E402
 from invdiff_min.data import DataSplits, load_splits  # noqa: E402
+from invdiff_min.plots import image_grid  # noqa: E402
 from invdiff_min.unet import UNet, UNetConfig  # noqa: E402
 
 FAST = os.environ.get("INVDIFF_FAST") == "1"
@@ -82,3 +84,13 @@ class TutorialRun:
         """Tutorial 2's base model (stage A): trained into the run folder once, read from it afterwards.
         Returns (the EMA model, its checkpoint folder)."""
         return pipeline.train_base(self.cfg, self.splits.train, self.device, self.run_dir / "base", progress=False)
+
+
+def show_rows(rows: list[torch.Tensor], names: list[str], height: float) -> None:
+    """Rows of 8 images in [0, 1] ((8, C, H, W) each) as one grid, each row labelled by its name."""
+    grid = image_grid(torch.cat(rows), nrow=8)
+    fig, ax = plt.subplots(figsize=(6, height))
+    ax.imshow(grid.numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([(i + 0.5) * grid.shape[0] / len(names) for i in range(len(names))], names)
+    plt.show()
