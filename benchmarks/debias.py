@@ -12,6 +12,8 @@ reports Bias, minority share per class and fidelity at each strength w:
     invdiff               inferred groups (class top-k), group-balanced batches   (our default)
     invdiff_unsplit       the same without splitting high-loss groups by the label profile (K > 2 classes;
                           with 2 classes it equals invdiff)
+    invdiff_margin        the label-margin groups (groups.method="class_margin": the samples another label
+                          explains better than their own, split by it; needs the run's label profile)
     invdiff_uniform       inferred groups, uniform batches                        (the official batching)
     official_groups       the official grouper (G = 8, soft, Adam), balanced batches
     oracle                hidden (y, b) groups, balanced batches                  (upper bound, not label-free)
@@ -37,13 +39,14 @@ from invdiff_min.checkpoint import load_tensors, load_unet, read_json, save_tens
 from invdiff_min.config import RunConfig
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
-from invdiff_min.groups import class_topk_groups, group_report, official_groups
+from invdiff_min.groups import class_margin_groups, class_topk_groups, group_report, official_groups
 from invdiff_min.guidance import load_head
 
 VARIANTS = {  # name: (group source, batch sampling)
     "invdiff": ("invdiff", "balanced"),
     "invdiff_uniform": ("invdiff", "uniform"),
     "invdiff_unsplit": ("unsplit", "balanced"),
+    "invdiff_margin": ("margin", "balanced"),
     "official_groups": ("official", "balanced"),
     "oracle": ("oracle", "balanced"),
     "oracle_uniform": ("oracle", "uniform"),
@@ -57,6 +60,12 @@ def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> tor
     if source == "unsplit":
         losses = load_tensors(run_dir / "losses.safetensors")["loss"]
         return class_topk_groups(losses, data.labels, data.num_classes, cfg.groups.top_fraction)
+    if source == "margin":
+        saved = load_tensors(run_dir / "losses.safetensors")
+        if "profile" not in saved:
+            raise SystemExit(f"error: {run_dir / 'losses.safetensors'} has no label profile, which invdiff_margin "
+                             f"needs: rerun --stage losses with --set losses.profile_draws=4 into a new run")
+        return class_margin_groups(data.labels, saved["profile"], cfg.groups.min_subgroup)
     if source != "official":
         inferred = pipeline.load_groups(run_dir) if source == "invdiff" else None
         return pipeline.group_assignments(source, data, inferred)
@@ -162,11 +171,12 @@ def main() -> None:
                     "head_steps": head_steps,
                     "losses": read_json(run_dir / "losses.json"),
                     "groups": {}, "models": {}}
+    groups = {name: variant_assignments(cfg, run_dir, VARIANTS[name][0], data) for name in args.variants}
     report["models"]["base"] = {"0.0": [sample_and_judge(base, None, 0.0, judge, how)[2]]}
     for name in args.variants:
         source, batching = VARIANTS[name]
-        assignments = variant_assignments(cfg, run_dir, source, data)
-        if source in ("invdiff", "official", "unsplit"):
+        assignments = groups[name]
+        if source in ("invdiff", "official", "unsplit", "margin"):
             report["groups"][source] = group_report(assignments, losses, data.labels, data.conflicting,
                                                     data.group).to_dict()
         results: dict = {}

@@ -71,9 +71,10 @@ class LossConfig:
 class GroupConfig:
     """Stage B, part 2: bias-annotation inference, the paper's "maximize L_e" over the assignment W: the
     groups that spread the group risks R_g most (its variance term)."""
-    method: str = "class_topk"             # "class_topk" (our default: per-class high-loss group) or "official"
+    method: str = "class_topk"             # "class_topk" (our default: per-class high-loss group), "class_margin"
+    #                                        (the samples another label explains better, split by it) or "official"
     top_fraction: float = 0.05             # class_topk: share of each class put in its high-loss group
-    min_subgroup: float = 0.2              # class_topk, > 2 classes: least share of a high-loss group a sub-group
+    min_subgroup: float = 0.2              # > 2 classes, class_margin: least share of a high-loss group a sub-group
     #                                        needs (smaller ones join the others)
     num_groups: int = 8                    # official: G (8 or 16 in the released scripts)
     steps: int = 500                       # official: Adam steps on W
@@ -223,6 +224,7 @@ def _fit(value, hint, where: str):
 MAX_STEPS = 10_000_000                     # beyond any run this project is meant for; catches 1e12 typos
 MAX_SIDE = 512                             # activations grow with the square of the side: 512 already needs GBs
 MAX_SAMPLES = 10_000_000
+GROUP_METHODS = ("class_topk", "class_margin", "official")
 FLAG = {"train.steps": "--steps", "head.steps": "--head-steps", "train.lr": "--lr", "head.lr": "--head-lr",
         "data.resolution": "--resolution", "data.num_samples": "--num-samples", "data.seed": "--data-seed",
         "data.aligned_fraction": "--aligned-fraction", "train.seed": "--seed"}
@@ -267,6 +269,10 @@ def check_config(cfg: RunConfig) -> None:
     window = cfg.losses.t_window
     if window is not None and not (len(window) == 2 and 0 <= window[0] < window[1] <= T):
         raise ValueError(f"losses.t_window must be [lo, hi) with 0 <= lo < hi <= {T}, got {list(window)}")
+    if cfg.groups.method not in GROUP_METHODS:
+        raise ValueError(f"groups.method must be one of {', '.join(GROUP_METHODS)}, got {cfg.groups.method!r}")
+    if cfg.groups.method == "class_margin" and cfg.losses.profile_draws == 0:
+        raise ValueError("groups.method 'class_margin' reads the label profile: set losses.profile_draws above 0")
     if cfg.head.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"head.lr_schedule must be 'constant' or 'cosine', got {cfg.head.lr_schedule!r}")
     if cfg.eval.num_steps > T:

@@ -23,6 +23,8 @@ stage C (guidance.py) then minimises L_e over them. Official code: src/group/tra
      each class: for a fixed group size k, the split of a class into two groups that maximises
      R_high - R_low is the k highest-loss samples against the rest. Classes are kept apart so that one
      class being harder to denoise does not masquerade as bias. Gives 2 * num_classes hard groups.
+   * `class_margin_groups` (an option for K > 2): the samples another label explains better than their own,
+     split by that label; no size constraint.
    * `oracle_groups`: the hidden (y, b) cells: the upper bound, never label-free.
 """
 from __future__ import annotations
@@ -220,12 +222,10 @@ def class_topk_groups(losses: torch.Tensor, labels: torch.Tensor, num_classes: i
     """Hard groups: the top `top_fraction` losses of each class c ("high loss") against the rest of c.
     Without `profile`: one-hot W (N, 2 * num_classes), group 2c = the rest, 2c + 1 = the high-loss samples.
     With `profile` (N, K), P of `label_profile`, for K > 2 classes: the high-loss samples of c are split by the
-    other label that explains each best, argmin_{k != c} P_ik, one sub-group per other label that takes at
-    least `min_subgroup` of them (chosen label-free; the rest go to their best label among those kept). With a
-    K-valued attribute, each minority value of a class then has its own group, and balancing over the groups
-    asks for each value, not for "anything but the majority". W (N, K * num_classes): column c K = the rest of
-    c, c K + j = its high-loss samples best explained by the j-th label other than c (2 classes: the same
-    groups as without a profile).
+    other label that explains each best (`split_by_label`). With a K-valued attribute, each minority value of a
+    class then has its own group, and balancing over the groups asks for each value, not for "anything but the
+    majority". W (N, K * num_classes): column c K = the rest of c, c K + j = its high-loss samples best
+    explained by the j-th label other than c (2 classes: the same groups as without a profile).
     deviation (official: Adam on a soft W over G = 8 groups mixed across classes, `official_groups`): the same
     objective solved exactly within each class; the official grouper's groups reach NMI 0.13 here (README)."""
     if not 0 < top_fraction < 1:
@@ -239,16 +239,39 @@ def class_topk_groups(losses: torch.Tensor, labels: torch.Tensor, num_classes: i
         k = max(1, int(round(top_fraction * len(idx))))
         high = idx[losses[idx].argsort(descending=True)[:k]]
         group[idx] = per_class * c
-        if profile is None:
-            group[high] = per_class * c + 1
-            continue
-        others = torch.tensor([j for j in range(num_classes) if j != c])        # (K - 1,) the other labels
-        best = profile[high][:, others].argmin(1)                               # (k,) position in `others`
-        kept = torch.bincount(best, minlength=len(others)) >= min_subgroup * len(high)
-        kept[torch.bincount(best, minlength=len(others)).argmax()] = True       # at least one sub-group
-        masked = profile[high][:, others].masked_fill(~kept, float("inf"))
-        group[high] = per_class * c + 1 + masked.argmin(1)
+        group[high] = per_class * c + 1 + (0 if profile is None else split_by_label(profile[high], c, min_subgroup))
     return torch.nn.functional.one_hot(group, per_class * num_classes).float()
+
+
+def class_margin_groups(labels: torch.Tensor, profile: torch.Tensor, min_subgroup: float = 0.2) -> torch.Tensor:
+    """Hard groups from the label profile alone (no loss ranking, no `top_fraction`): a sample of class c is
+    "high" when another label explains it better than its own, P_ic > min_{k != c} P_ik (the base model, used
+    as a diffusion classifier, would give it another class), and the high samples of c are split by that
+    label (`split_by_label`). profile (N, K) -> W (N, K * K), columns as in `class_topk_groups` with a profile.
+    The number of "high" samples per class comes from the data; a class with none keeps one group.
+    deviation (paper, official code): neither; an option measured for K > 2 (docs/results/kvalued)."""
+    num_classes = profile.shape[1]
+    group = labels * num_classes                                                # every sample: the rest of c
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        others = torch.tensor([j for j in range(num_classes) if j != c])
+        high = idx[profile[idx, c] > profile[idx][:, others].min(1).values]     # margin P_ic - min_k P_ik > 0
+        if len(high):
+            group[high] = num_classes * c + 1 + split_by_label(profile[high], c, min_subgroup)
+    return torch.nn.functional.one_hot(group, num_classes * num_classes).float()
+
+
+def split_by_label(profile: torch.Tensor, c: int, min_subgroup: float) -> torch.Tensor:
+    """Split the high samples of class c by the other label that explains each best, argmin_{k != c} P_ik:
+    one sub-group per other label that takes at least `min_subgroup` of them (chosen label-free: the number of
+    sub-groups comes from the data), the rest going to their best label among those kept.
+    profile (n, K) rows of the high samples -> (n,) position j of the sub-group among the K - 1 other labels."""
+    others = [j for j in range(profile.shape[1]) if j != c]
+    p = profile[:, others]                                                      # (n, K - 1)
+    counts = torch.bincount(p.argmin(1), minlength=len(others))
+    kept = counts >= min_subgroup * len(p)
+    kept[counts.argmax()] = True                                                # at least one sub-group
+    return p.masked_fill(~kept, float("inf")).argmin(1)
 
 
 def oracle_groups(labels: torch.Tensor, bias: torch.Tensor, num_attributes: int) -> torch.Tensor:

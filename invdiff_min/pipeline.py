@@ -30,8 +30,9 @@ from .config import DiffusionConfig, RunConfig
 from .data import BiasedDataset, DataSplits, from_model_range, to_model_range
 from .diffusion import denoising_loss, lr_at, make_sampler, sample, training_loss, update_ema
 from .evaluate import SampleSettings, make_judge, sample_and_judge
-from .groups import (auto_t_window, check_group_index, class_topk_groups, group_report, label_profile, loss_draws,
-                     normalize_by_t, official_groups, oracle_groups, per_sample_losses, uniform_groups)
+from .groups import (auto_t_window, check_group_index, class_margin_groups, class_topk_groups, group_report,
+                     label_profile, loss_draws, normalize_by_t, official_groups, oracle_groups, per_sample_losses,
+                     uniform_groups)
 from .guidance import GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, invariant_loss, load_head
 from .metrics import attribute_shares, auroc, bias_score, minority_share
 from .plots import save_grid, save_loss_curve, save_loss_histogram
@@ -268,7 +269,9 @@ def compute_losses(cfg: RunConfig, data: BiasedDataset, base: UNet, device: torc
                          progress)
     result = PerSampleLosses(losses, data.index, window, info)
     info.update(loss_aucs(losses, data))                             # evaluation only (hidden labels)
-    if data.num_classes > 2 and settings.profile_draws > 0:          # every rank computes it whole (cheap)
+    if settings.profile_draws > 0 and (data.num_classes > 2 or cfg.groups.method == "class_margin"):
+        # (K + 1) network calls per draw: for K = 3 and 4 draws about as long as the losses above (8 draws x 2);
+        # every rank computes it whole
         with amp.autocast(device, cfg.train.precision):
             result.profile = label_profile(base, scheduler, data.images, data.num_classes, settings.profile_draws,
                                            window, settings.batch_size, settings.seed + 20_000, device,
@@ -306,15 +309,24 @@ def infer_groups(cfg: RunConfig, data: BiasedDataset, losses: PerSampleLosses) -
     (our default, the exact maximiser of the spread of R_g under a size constraint) or the official grouper."""
     check_group_index(losses.index, data.index, "the per-sample losses")
     settings = cfg.groups
+    profile = losses.profile
+    if profile is not None and profile.shape != (len(data.index), data.num_classes):
+        raise ValueError(f"the label profile in losses.safetensors is {tuple(profile.shape)}, not (samples, classes) = "
+                         f"{(len(data.index), data.num_classes)}: it was computed for other data; rerun --stage losses")
     if settings.method == "class_topk":
-        w = class_topk_groups(losses.loss, data.labels, data.num_classes, settings.top_fraction, losses.profile,
+        w = class_topk_groups(losses.loss, data.labels, data.num_classes, settings.top_fraction, profile,
                               settings.min_subgroup)
+    elif settings.method == "class_margin":
+        if profile is None:
+            raise ValueError("groups.method 'class_margin' needs the label profile, which losses.safetensors lacks: "
+                             "rerun --stage losses with losses.profile_draws above 0")
+        w = class_margin_groups(data.labels, profile, settings.min_subgroup)
     elif settings.method == "official":
         w = official_groups(losses.loss, settings.num_groups, settings.steps, settings.lr, settings.w_nz,
                             settings.restarts, settings.seed, data.labels if settings.within_class else None,
                             settings.hard)
     else:
-        raise ValueError(f"unknown group method {settings.method!r}; use 'class_topk' or 'official'")
+        raise ValueError(f"unknown group method {settings.method!r}; use 'class_topk', 'class_margin' or 'official'")
     report = group_report(w, losses.loss, data.labels, data.conflicting, data.group)
     return Groups(w, data.index, settings.method, report.to_dict())
 
@@ -475,19 +487,21 @@ def summary_table(summary: dict) -> str:
     """The summary as a few lines of text (what train.py prints at the end)."""
     shares_of = summary["base"].get("attribute_share", [[0, 0]])
     many = len(shares_of[0]) > 2         # K > 2 values: each value's share per class, "a/b/c" (balanced: 1/K each)
-    title, width = ("value shares per class", 16 * len(shares_of)) if many else ("minority share per class", 28)
+    models = [name for name in ("training_data", "base", *HEADS) if name in summary]
+    if many:
+        shares = {m: ", ".join("/".join(f"{v:.2f}" for v in row) for row in summary[m]["attribute_share"])
+                  for m in models}
+    else:
+        shares = {m: ", ".join(f"{v:.3f}" for v in summary[m]["minority_share"]) for m in models}
+    title = "value shares per class" if many else "minority share per class"
+    width = max(28, *(len(text) + 2 for text in [title, *shares.values()]))   # K = 4 strings are longer
     lines = [f"bias of generated images ({summary['sampler']}, {summary['n_per_class']} per class, "
              f"w = {summary['strength']}):",
              f"  {'model':<14}{'Bias':>7}{title:>{width}}{'fidelity':>10}{'FD':>9}"]
-    for name in ("training_data", "base", *HEADS):
-        if name in summary:
-            r = summary[name]
-            if many:
-                shares = ", ".join("/".join(f"{v:.2f}" for v in row) for row in r["attribute_share"])
-            else:
-                shares = ", ".join(f"{m:.3f}" for m in r["minority_share"])
-            fd = f"{r['fd']:>9.3f}" if "fd" in r else ""
-            lines.append(f"  {name:<14}{r['bias']:>7.3f}{shares:>{width}}{r['fidelity']:>10.3f}{fd}")
+    for name in models:
+        r = summary[name]
+        fd = f"{r['fd']:>9.3f}" if "fd" in r else ""
+        lines.append(f"  {name:<14}{r['bias']:>7.3f}{shares[name]:>{width}}{r['fidelity']:>10.3f}{fd}")
     if "quality" in summary.get("judged_by", {}):
         lines.append(f"  FD: quality distance to the balanced real set, {summary['judged_by']['quality']}")
     return "\n".join(lines)

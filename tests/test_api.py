@@ -34,7 +34,7 @@ def test_the_api_samples_what_the_evaluation_samples(runs):
     labels = torch.arange(2).repeat_interleave(3)
     out = pipe(class_labels=labels, strength=2.0, generator=torch.Generator().manual_seed(5))
     expected, _ = generate(GuidedModel(pipe.base, pipe.head, 2.0), pipe.diffusion, 3, 2, (3, 16, 16),
-                           pipe.sampler, pipe.num_inference_steps, seed=5)
+                           pipe.sampler, pipe.num_inference_steps, seed=5, precision=pipe.precision)
     assert torch.equal(out.images, expected) and out.labels.tolist() == labels.tolist()
     np_images = pipe(class_labels=[1], output_type="np", generator=torch.Generator().manual_seed(0)).images
     pil = pipe(class_labels=[1], output_type="pil", generator=torch.Generator().manual_seed(0)).images

@@ -38,6 +38,8 @@ def test_existing_run_folder_is_never_overwritten_and_resume_needs_the_same_conf
 @pytest.mark.parametrize("argv,messages", [
     (["--preset", "huge"], ["unknown preset"]),
     (["--device", "tpu"], ["unknown --device 'tpu'", "cpu"]),
+    (["--set", "groups.method=kmeans"], ["groups.method", "class_margin", "'kmeans'"]),
+    (["--set", "groups.method=class_margin", "--set", "losses.profile_draws=0"], ["losses.profile_draws above 0"]),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], ["--device"]),
 ])
 def test_train_refuses_unknown_names(argv, messages, tmp_path):

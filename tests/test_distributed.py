@@ -56,7 +56,7 @@ def test_torchrun_two_ranks_hold_identical_weights_equal_to_rank0_checkpoint_and
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                         "train.py", "--preset", "tiny", "--out", str(out), "--steps", "4", "--no-progress",
-                        "--device", "cpu"],                          # gloo on CPU, also on a 1-GPU machine
+                        "--device", "cpu", "--set", "train.precision=fp32"],    # gloo on CPU, also on a 1-GPU machine
                        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -75,7 +75,7 @@ def test_torchrun_two_ranks_hold_identical_weights_equal_to_rank0_checkpoint_and
     assert base_ckpt.name == "ckpt-0000004" and (out / "summary.json").is_file()   # eval ran, on rank 0
 
     cfg = get_preset("tiny")
-    cfg.train.steps = 4
+    cfg.train.steps, cfg.train.precision = 4, "fp32"    # fp32 in both runs: the exact path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                  # as in the workers, so the CPU kernels sum in the same order
     data = make_dataset(cfg.data)
@@ -112,7 +112,8 @@ def one_step_config():
     cfg = get_preset("tiny")                  # global batch 16 (8 per rank), label dropout 0.1, 4 oracle groups
     cfg.train.steps, cfg.train.lr, cfg.train.grad_clip = 1, 0.5, 1e9
     cfg.head.steps, cfg.head.lr, cfg.head.grad_clip = 1, 0.5, 1e9
-    return cfg
+    cfg.train.precision = "fp32"              # the exact path: bf16 ("auto" on a CPU with native bf16) rounds
+    return cfg                                # a half batch differently from the whole one
 
 
 def one_step(run_dir: Path, base_ckpt: Path | None) -> Path:

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from invdiff_min.groups import (auto_t_window, class_topk_groups, group_report, group_risks, normalize_by_t,
-                                official_groups, oracle_groups, per_sample_losses, uniform_groups)
+from invdiff_min.groups import (auto_t_window, class_margin_groups, class_topk_groups, group_report, group_risks,
+                                normalize_by_t, official_groups, oracle_groups, per_sample_losses, uniform_groups)
 from invdiff_min.scheduler import DDPMScheduler
 
 
@@ -182,3 +182,25 @@ def test_class_topk_profile_changes_nothing_with_two_classes_and_merges_small_su
     w = class_topk_groups(losses, labels, 3, 0.05, profile, min_subgroup=0.2)
     assert int(w[:, 2].sum()) == 0 and int(w[:, 1].sum()) == round(0.05 * 1000)   # one sub-group for class 0
     assert int(w[:, 4].sum()) > 10 and int(w[:, 5].sum()) > 10    # the other classes keep both
+
+
+def test_class_margin_groups_take_the_samples_another_label_explains_better_and_split_them():
+    losses, labels, value, profile = planted_k3()
+    w = class_margin_groups(labels, profile)
+    assert w.shape == (3000, 9) and torch.equal(w.sum(1), torch.ones(3000))
+    group = w.argmax(1)
+    assert torch.equal(group // 3, labels)                      # groups never mix classes
+    high = group % 3 != 0
+    assert float((high == (value != labels)).float().mean()) > 0.99   # the margin finds the conflicting samples
+    for c in range(3):
+        for j, k in enumerate(j for j in range(3) if j != c):
+            members = value[group == 3 * c + 1 + j]
+            assert len(members) > 30 and float((members == k).float().mean()) > 0.95
+    # a class whose profile never prefers another label keeps a single group; a small sub-group is merged
+    profile[labels == 0, 0] = -5.0
+    few = ((labels == 1) & (value == 2)).nonzero().squeeze(1)
+    profile[few[5:], 1] = -5.0             # class 1 on value 2: all but five are explained best by their own label
+    group = class_margin_groups(labels, profile, min_subgroup=0.2).argmax(1)
+    assert int((group[labels == 0] != 0).sum()) == 0
+    assert int((group == 5).sum()) == 0 and int((group == 4).sum()) > 30      # the five joined label 0's group
+    assert torch.equal(group[few[:5]], torch.full((5,), 4))

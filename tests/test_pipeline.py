@@ -235,3 +235,29 @@ def test_whole_pipeline_on_the_built_in_k3_benchmark(tmp_path):
     assert len(summary["invdiff"]["attribute_share"]) == 3 and len(summary["invdiff"]["attribute_share"][0]) == 3
     saved = json.loads((out / "config.json").read_text())["config"]
     assert saved["data"]["aligned_fraction"] == 0.9 and saved["unet"]["num_classes"] == 3
+
+
+def test_group_inference_refuses_a_profile_of_other_data_and_margin_groups_without_one():
+    cfg = get_preset("tiny")
+    cfg.data.name, cfg.unet.num_classes = "shapes3", 3
+    data = make_dataset(cfg.data, "train")
+    n = len(data.index)
+    losses = pipeline.PerSampleLosses(torch.rand(n), data.index, (400, 700), {}, profile=torch.randn(n, 2))
+    with pytest.raises(ValueError, match="label profile in losses.safetensors is .* rerun --stage losses"):
+        pipeline.infer_groups(cfg, data, losses)
+    losses.profile = None
+    cfg.groups.method = "class_margin"
+    with pytest.raises(ValueError, match="needs the label profile.*profile_draws above 0"):
+        pipeline.infer_groups(cfg, data, losses)
+    losses.profile = torch.randn(n, 3)
+    groups = pipeline.infer_groups(cfg, data, losses)
+    assert groups.assignments.shape == (n, 9) and groups.method == "class_margin"
+
+
+def test_summary_table_keeps_columns_apart_for_four_values():
+    shares = [[0.25, 0.25, 0.25, 0.25]] * 4
+    row = {"bias": 0.123, "fidelity": 0.9, "attribute_share": shares, "minority_share": [0.5] * 4}
+    table = pipeline.summary_table({"base": row, "invdiff": row, "sampler": "ddim", "n_per_class": 4,
+                                    "strength": 2.0})
+    for line in table.splitlines()[2:]:
+        assert "0.123 " in line and " 0.25/0.25/0.25/0.25, 0.25" in line and line.endswith("0.900")
