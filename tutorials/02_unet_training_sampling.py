@@ -46,6 +46,7 @@ import matplotlib.pyplot as plt
 # The tutorials use a small model at 16x16 pixels:
 
 # %%
+torch.manual_seed(0)                            # the untrained weights below, the same on every run
 model = UNet(cfg.unet)
 print(f"{count_parameters(model):,} parameters; levels {cfg.unet.block_out_channels}, "
       f"{cfg.unet.layers_per_block} ResNet block(s) per level, null label = {model.null_label}")
