@@ -367,8 +367,8 @@ show_rows(rows, names, 1.5 * len(scales))
 # %% [markdown]
 # What to see: at $s = 0$ the label is ignored, so both rows of a pair hold a mix of shapes and
 # backgrounds and fidelity is about one half. At $s = 1$ the rows follow their class. At $s = 2$ fidelity
-# rises a little and (nearly) every sample sits on its class's usual background (minority share 0.00 for
-# both classes when we ran it): the guidance direction $\varepsilon(y) - \varepsilon(\varnothing)$
+# rises a little and (nearly) every sample sits on its class's usual background (minority share 0.02 and 0.00
+# when we ran it): the guidance direction $\varepsilon(y) - \varepsilon(\varnothing)$
 # carries everything the label predicts, the spurious background included, so stronger guidance
 # amplifies the bias. At $s = 4$ fidelity is highest, but many disc backgrounds have drifted to an
 # in-between teal the data never had (the background reader splits those between land and water, hence

@@ -24,7 +24,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
-CELL_TIMEOUT_S = 1800
+CELL_TIMEOUT_S = 4 * 3600                 # tutorial 5 trains four default heads in one cell (about 35 min here)
 
 
 def parse_percent(text: str) -> list:
