@@ -330,8 +330,10 @@ plt.show()
 # falls back to 0.81. The uniform control is the warning: at $w = 2$ and 3 its Bias falls too (0.28, 0.10), but
 # only as its fidelity collapses (0.735, 0.545; its rows in the grid below are pale, washed-out images), so the
 # reader's verdict on the background means little there. Read Bias together with fidelity. With 200 samples
-# per point, differences below about 0.06 are noise: the three group-aware heads are not told apart here
-# (on the README's larger `cpu` preset the same default recipe takes InvDiff from 0.79 to 0.08).
+# per point, differences below about 0.06 are noise. Among the group-aware heads the $\lambda = 0$ head does
+# best here (0.09) and the oracle worst (0.26 at $w = 2$), but each is one head trained once, and the order
+# is not one to rely on (on the README's larger `cpu` preset the same default recipe takes InvDiff from 0.79
+# to 0.08).
 
 # %%
 w_show = w_default
