@@ -348,7 +348,10 @@ show_rows(rows, names, 7)
 # %% [markdown]
 # What to see: the same seeds give the same layouts in every row (guidance shifts the images, it does not
 # replace them). The group-aware heads' rows at $w = 2$ hold both backgrounds for both shapes, in cleaner colours
-# than the base's; the uniform control's rows keep the base's layout in paler colours.
+# than the base's; the uniform control's rows keep the base's layout in paler colours. Look closely at an image
+# whose background changed: the object keeps its place and shape, but its red-orange tint often changes with
+# it (the squares the heads move onto land are redder than those left on water), so guidance changes more than
+# the background, even where the layout is kept.
 #
 # ## Exercises: change one thing and predict
 #
