@@ -74,8 +74,8 @@ class GroupConfig:
     method: str = "class_topk"             # "class_topk" (our default: per-class high-loss group), "class_margin"
     #                                        (the samples another label explains better, split by it) or "official"
     top_fraction: float = 0.05             # class_topk: share of each class put in its high-loss group
-    min_subgroup: float = 0.2              # > 2 classes, class_margin: least share of a high-loss group a sub-group
-    #                                        needs (smaller ones join the others)
+    min_subgroup: float = 0.2              # class_topk with > 2 classes, and class_margin: least share of a
+    #                                        high-loss group a sub-group needs (smaller ones join the others)
     num_groups: int = 8                    # official: G (8 or 16 in the released scripts)
     steps: int = 500                       # official: Adam steps on W
     lr: float = 0.01                       # official: Adam learning rate

@@ -77,3 +77,15 @@ def test_k_valued_benchmark_defaults():
     with pytest.raises(ValueError, match="2, 3 or 4"):
         from invdiff_min.data.shapes import make_split
         make_split(DataConfig(), "train", k=5)
+
+
+def test_k_valued_reader_calls_a_background_that_is_none_of_the_values_unreadable():
+    from invdiff_min.data.shapes import BACKGROUND_RGB, NONE_OF_THE_VALUES
+
+    water, sand = BACKGROUND_RGB[1], BACKGROUND_RGB[2]
+    colours = torch.stack([water, (water + sand) / 2, torch.tensor([0.5, 0.5, 0.5]),
+                           water + torch.tensor([0.0, 0.0, NONE_OF_THE_VALUES - 0.01])])
+    images = colours[:, :, None, None].expand(4, 3, 8, 8).clamp(0, 1)
+    assert read_background(images, 3).tolist() == [1, -1, -1, 1]
+    assert read_background(images, 4).tolist() == [1, -1, -1, 1]
+    assert read_background(images, 2).tolist() == [1, 1, 0, 1]     # K = 2 reads blue against green, as always

@@ -28,6 +28,11 @@ ALL_ATTRIBUTE_NAMES = ("land", "water", "sand", "dusk")
 CLASS_NAMES, ATTRIBUTE_NAMES = ALL_CLASS_NAMES[:2], ALL_ATTRIBUTE_NAMES[:2]
 # mean background colour of each attribute value (the centre of its jitter range), for `read_background`, K > 2
 BACKGROUND_RGB = torch.tensor([[0.30, 0.625, 0.20], [0.15, 0.375, 0.75], [0.76, 0.66, 0.40], [0.50, 0.35, 0.61]])
+# K > 2: a mean background colour farther than this from every value's colour is none of them (read as -1). The
+# training and eval images of data seeds 0-5 (16 and 32 px) lie within 0.132 of their own value's colour (the
+# water tint's jitter box alone reaches 0.135 from its centre); the closest two colours (water, dusk) are 0.378
+# apart, so the balls of radius 0.16 do not overlap. A blend of two backgrounds is thus not counted as a third.
+NONE_OF_THE_VALUES = 0.16
 BAR_ASPECT = 1.6      # width / height of its bounding box: square ~1, bar ~2.5 (K = 4 tells them apart)
 
 
@@ -132,13 +137,15 @@ def object_mask(images: torch.Tensor) -> torch.Tensor:
 def read_background(images: torch.Tensor, k: int = 2) -> torch.Tensor:
     """The background attribute of images in [0, 1], from the mean colour of the non-object pixels. K = 2:
     1 (water) where their mean blue exceeds their mean green, else 0 (land). K > 2: the value whose mean colour
-    (BACKGROUND_RGB) is nearest.  (N,) long."""
+    (BACKGROUND_RGB) is nearest, or -1 (unreadable: none of the values) where even that one is farther than
+    NONE_OF_THE_VALUES.  (N,) long."""
     check_rgb(images)
     bg = (~object_mask(images)).float()                                      # (N, H, W)
     mean = (images * bg[:, None]).sum((2, 3)) / bg.sum((1, 2)).clamp(min=1)[:, None]   # (N, 3)
     if k == 2:
         return (mean[:, 2] > mean[:, 1]).long()
-    return torch.cdist(mean, BACKGROUND_RGB[:k]).argmin(1)
+    distance, nearest = torch.cdist(mean, BACKGROUND_RGB[:k]).min(1)       # (N,) each
+    return torch.where(distance <= NONE_OF_THE_VALUES, nearest, -1)
 
 
 def read_shape(images: torch.Tensor, k: int = 2) -> torch.Tensor:
