@@ -3,6 +3,7 @@
     python benchmarks/debias.py --run runs/cpu                       # every variant below, on the run's base
     python benchmarks/debias.py --run runs/cpu --variants invdiff oracle --seeds 0 1 2 --json out.json
     python benchmarks/debias.py --merge a.json b.json --json all.json   # reports of parallel processes
+    python benchmarks/debias.py --run runs/k4 --variants oracle --set head.lam=10 --tag lam10   # another recipe
 
 Reads the run folder that `python train.py` made (base model, per-sample losses, groups) and trains one head
 per variant and head seed into RUN/bench/<variant>-s<seed>/ (train.py's own invdiff / oracle / uniform heads
@@ -36,7 +37,7 @@ import torch
 
 from invdiff_min import pipeline
 from invdiff_min.checkpoint import load_tensors, load_unet, read_json, save_tensors
-from invdiff_min.config import RunConfig
+from invdiff_min.config import RunConfig, apply_overrides, check_config
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
 from invdiff_min.groups import class_margin_groups, class_topk_groups, group_report, official_groups
@@ -136,6 +137,9 @@ def main() -> None:
                    help="train every head to this many steps (default: the run's); shorter heads are continued")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale s of every model, base included (default: the run's)")
+    p.add_argument("--set", action="append", default=[], metavar="head.FIELD=VALUE",
+                   help="train the heads with this head setting instead of the run's (repeatable; needs --tag)")
+    p.add_argument("--tag", default="", help="suffix of the head folders and model names of a --set recipe")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -155,6 +159,15 @@ def main() -> None:
         raise SystemExit("error: pass --run RUN (a train.py run folder), or --merge JSON ...")
     run_dir = Path(args.run)
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
+    recipe = copy.deepcopy(cfg)
+    if args.set:
+        if not args.tag or any(not item.startswith("head.") for item in args.set):
+            raise SystemExit("error: --set takes head.FIELD=VALUE settings only, and needs --tag NAME so that its "
+                             "heads get folders of their own")
+        try:
+            check_config(apply_overrides(recipe, args.set))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     device = torch.device(args.device)
     base, _, base_ckpt = load_unet(run_dir, device)
     splits = load_splits(cfg.data)
@@ -168,7 +181,7 @@ def main() -> None:
     losses = load_tensors(run_dir / "losses.safetensors")["loss"]
     report: dict = {"run": str(run_dir), "preset": cfg.preset, "data_seed": cfg.data.seed, "n_per_class": n,
                     "sampler": f"{cfg.eval.sampler}-{cfg.eval.num_steps}", "guidance_scale": scale,
-                    "head_steps": head_steps,
+                    "head_steps": head_steps, "head_settings": args.set,
                     "losses": read_json(run_dir / "losses.json"),
                     "groups": {}, "models": {}}
     groups = {name: variant_assignments(cfg, run_dir, VARIANTS[name][0], data) for name in args.variants}
@@ -181,23 +194,23 @@ def main() -> None:
                                                     data.group).to_dict()
         results: dict = {}
         for seed in args.seeds:
-            variant = copy.deepcopy(cfg)
+            variant = copy.deepcopy(recipe)
             variant.head.batch_sampling, variant.head.seed = batching, seed
             variant.head.steps = head_steps
             # train.py's own heads (same groups, batching and seed) are reused rather than trained again
-            own = name in pipeline.HEADS and seed == cfg.head.seed
-            folder = run_dir / (name if own else f"bench/{name}-s{seed}")
+            own = name in pipeline.HEADS and seed == cfg.head.seed and not args.set
+            folder = run_dir / (name if own else f"bench/{name}{args.tag}-s{seed}")
             pipeline.train_head(variant, data, base, assignments, device, folder, str(base_ckpt), progress=False)
             head, state = load_head(folder, base, device)
             if state["step"] != variant.head.steps:        # a head trained past the request is not cut back
                 raise SystemExit(f"error: {folder} holds a head at step {state['step']}, not {variant.head.steps}; "
                                  f"pass --head-steps {state['step']} or move that folder away")
             for w in args.strengths:
-                metrics = sample_and_judge(base, head, w, judge, how, cfg.head.mode, cfg.head.mix_ratio)[2]
+                metrics = sample_and_judge(base, head, w, judge, how, recipe.head.mode, recipe.head.mix_ratio)[2]
                 results.setdefault(str(w), []).append(metrics)
-            print(f"{name} seed {seed}: " + ", ".join(f"w={w} Bias {results[str(w)][-1]['bias']:.3f}"
+            print(f"{name}{args.tag} seed {seed}: " + ", ".join(f"w={w} Bias {results[str(w)][-1]['bias']:.3f}"
                                                      for w in args.strengths), flush=True)
-        report["models"][name] = results
+        report["models"][name + args.tag] = results
 
     table = markdown_table(report, cfg.unet.num_classes)
     print(table)

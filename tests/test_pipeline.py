@@ -86,6 +86,19 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
         row["seconds"] >= 0 for row in times["stages"].values())
     assert sum(row["seconds"] for row in times["stages"].values()) == pytest.approx(times["total_seconds"], abs=0.5)
 
+    # per-cell risks on the same draws: every cell of the training data, the base and each head at each w
+    r = run("benchmarks/cell_risks.py", "--run", str(out), "--heads", str(out / "oracle"), "--strengths", "0", "1",
+            "--per-cell", "8", "--draws", "2", "--json", str(tmp_path / "risks.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    risks = json.loads((tmp_path / "risks.json").read_text())
+    assert list(risks["models"]) == ["base", "oracle w=0", "oracle w=1"]
+    assert set(risks["models"]["base"]) == {"0,0", "0,1", "1,0", "1,1"}
+    assert risks["models"]["oracle w=0"] == risks["models"]["base"]            # w = 0 is the base, same draws
+    assert risks["models"]["oracle w=1"] != risks["models"]["base"]
+    # a benchmark recipe needs a folder of its own
+    r = run("benchmarks/debias.py", "--run", str(out), "--variants", "oracle", "--set", "head.lam=3")
+    assert r.returncode != 0 and "--tag" in r.stderr and "Traceback" not in r.stderr
+
     # a second run of the same command refuses to clobber; --resume skips every finished stage
     r = run("train.py", "--preset", "tiny", "--out", str(out), "--compare", "--no-progress")
     assert r.returncode != 0 and "--resume" in r.stderr and "Traceback" not in r.stderr
