@@ -5,10 +5,10 @@
 # image is noised, how fast (the schedule), and what the network is asked to predict. Everything here is
 # closed-form; nothing is trained. It runs in seconds.
 #
-# The series is six notebooks, in order; all six took about 54 minutes of one core with `OMP_NUM_THREADS=1`
+# The series is six notebooks, in order; all six took about 38 minutes of one core with `OMP_NUM_THREADS=1`
 # (executed one after the other on a 2-core CPU shared with other jobs; the README lists each one's time). On
 # one core, tutorial 2 trains the base model the later ones share (a few minutes), tutorial 5 trains four
-# guidance heads at the library's default recipe (about 40 minutes, the longest step of the series),
+# guidance heads at the library's default recipe (about 27 minutes, the longest step of the series),
 # tutorial 6 trains one of them again and fine-tunes a model for a minute or two; the other
 # notebooks take a few minutes or less, and each prints the time of its long steps. With
 # `INVDIFF_FAST=1` (tiny data and step counts, pictures not meant to look like anything) all six run in

@@ -16,7 +16,7 @@
 # `INVDIFF_PRETRAINED` to a diffusers folder of an unconditional model (`config.json` and
 # `diffusion_pytorch_model.safetensors`, or a pipeline folder with `unet/` and `scheduler/`) to use it in
 # step 4. On one CPU core, section 3 (which trains tutorial 5's guidance head again) takes longest,
-# section 4 fine-tunes for one to three minutes (66 s when we ran it), and tutorial 2's model is trained
+# section 4 fine-tunes for one to three minutes (51 s when we ran it), and tutorial 2's model is trained
 # first if it is not cached; each prints its time.
 
 # %%
@@ -159,8 +159,8 @@ show_rows(rows, names, 0.75 * len(names))
 # %% [markdown]
 # What to see: the numbers and pictures of tutorial 5's InvDiff head: same weights, same groups, same
 # seeds. The converted model is as biased as tutorial 2's (Bias 0.81). With tutorial 5's head (the library's
-# default) the Bias falls to 0.18 at $w = 2$ with fidelity 0.98, and at $w = 4$ overshoots (0.40, fidelity
-# 0.625): tutorial 5's numbers to the digit, on the same function.
+# default) the Bias falls to 0.16 at $w = 2$ with fidelity 0.98, and at $w = 4$ overshoots (0.39, fidelity
+# 0.63): tutorial 5's numbers to the digit, on the same function.
 #
 # ## 4. Unconditional checkpoints: `--init-from`
 #
