@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from invdiff_min import amp
-from invdiff_min.checkpoint import load_unet, read_json
+from invdiff_min.checkpoint import CheckpointError, load_unet, read_json
 from invdiff_min.config import RunConfig
 from invdiff_min.data import load_splits, to_model_range
 from invdiff_min.diffusion import denoising_loss
@@ -75,7 +75,10 @@ def main() -> None:
 
     models = {"base": GuidedModel(base, None, 0.0)}
     for folder in args.heads:
-        head, _ = load_head(folder, base, "cpu")
+        try:
+            head, _ = load_head(folder, base, "cpu")
+        except CheckpointError as e:
+            raise SystemExit(f"error: --heads {folder}: {e}") from None
         for w in args.strengths:
             models[f"{Path(folder).name} w={w:g}"] = GuidedModel(base, head, w, cfg.head.mode, cfg.head.mix_ratio)
 
