@@ -3,7 +3,7 @@
     python benchmarks/debias.py --run runs/cpu                       # every variant below, on the run's base
     python benchmarks/debias.py --run runs/cpu --variants invdiff oracle --seeds 0 1 2 --json out.json
     python benchmarks/debias.py --merge a.json b.json --json all.json   # reports of parallel processes
-    python benchmarks/debias.py --run runs/k4 --variants oracle --set head.lam=10 --tag lam10   # another recipe
+    python benchmarks/debias.py --run runs/k4 --variants oracle --set head.lam=10 --tag _lam10  # another recipe
 
 Reads the run folder that `python train.py` made (base model, per-sample losses, groups) and trains one head
 per variant and head seed into RUN/bench/<variant>-s<seed>/ (train.py's own invdiff / oracle / uniform heads
