@@ -60,8 +60,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.per_cell < 1 or args.draws < 1:
+        raise SystemExit(f"error: --per-cell and --draws must be at least 1, got {args.per_cell} and {args.draws}")
+    if len(args.bands) < 2 or any(lo >= hi for lo, hi in zip(args.bands, args.bands[1:])) or args.bands[0] < 0:
+        raise SystemExit(f"error: --bands must be at least two increasing timesteps from 0, got {args.bands}")
 
     run_dir = Path(args.run)
+    if not (run_dir / "config.json").is_file():
+        raise SystemExit(f"error: {run_dir} has no config.json; pass a run folder made by train.py")
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
     data = load_splits(cfg.data).train
     base, _, _ = load_unet(run_dir, "cpu")
@@ -103,7 +109,7 @@ def main() -> None:
                     entry[f"{lo}-{hi}"] = float(l[rows][inside].mean()) if inside.any() else float("nan")
                 table[f"{y},{b}"] = entry
         report["models"][name] = table
-        print(f"\n{name}\n{header} |")
+        print(f"\n{name}\n{header} |\n|---|---|" + "---|" * k)
         for y in range(k):
             row = [table.get(f"{y},{b}", {}).get("all", float("nan")) for b in range(k)]
             print(f"| | {y} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
