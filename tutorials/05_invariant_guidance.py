@@ -328,9 +328,9 @@ plt.show()
 # without groups barely touches the bias. At the library's default $w = 2$ InvDiff gives 0.16 (an 80% cut) at
 # fidelity 0.98. Past that the heads overshoot: at $w = 3$ the squares land on land more often than on water
 # (0.59) and fidelity falls back to 0.82. The uniform control is the warning: at $w = 2$ and 3 its Bias falls too
-# (0.28, 0.08), but only as its fidelity collapses (0.71, 0.555; its rows in the grid below are pale, washed-out images), so the
-# reader's verdict on the background means little there. Read Bias together with fidelity. With 200 samples
-# per point, differences below about 0.06 are noise. Among the group-aware heads the $\lambda = 0$ head does
+# (0.28, 0.08), but only as its fidelity collapses (0.71, 0.555; its rows in the grid below are pale, washed-out
+# images), so the reader's verdict on the background means little there. Read Bias together with fidelity. With
+# 200 samples per point, differences below about 0.06 are noise. Among the group-aware heads the $\lambda = 0$ head does
 # best here (0.07) and the oracle worst (0.26 at $w = 2$), but each is one head trained once, and the order
 # is not one to rely on (on the README's larger `cpu` preset the same default recipe takes InvDiff from 0.79
 # to 0.08).
