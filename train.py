@@ -30,7 +30,7 @@ from pathlib import Path
 from invdiff_min import amp
 from invdiff_min import distributed as dist
 from invdiff_min import pipeline
-from invdiff_min.config import RunConfig, apply_overrides, check_config, get_preset, pick_device
+from invdiff_min.config import RunConfig, apply_overrides, check_config, fit_to_data, get_preset, pick_device
 from invdiff_min.data import get_spec, load_splits
 from invdiff_min.errors import exit_on_error
 from invdiff_min.evaluate import check_judgeable
@@ -114,6 +114,8 @@ def build_config(args) -> RunConfig:
     if args.init_from:
         pipeline.apply_init_from(cfg, args.init_from)
     apply_overrides(cfg, args.set)
+    if any(item.startswith("head.block_out_channels=") for item in args.set):
+        cfg.head.many_classes_width = 1                             # an explicit head width is taken as given
     check_config(cfg)
     return cfg
 
@@ -147,7 +149,7 @@ def train(argv: list[str]) -> int:
         if args.stage in ("all", "eval"):
             check_judgeable(splits)                 # now, not after every training stage has run
         data = splits.train
-        cfg.unet.num_classes, cfg.unet.sample_size = data.num_classes, cfg.data.resolution
+        fit_to_data(cfg, data.num_classes, cfg.data.resolution)    # classes, side, the head's width for K > 2
         dist.print0(f"[precision] {cfg.train.precision} ({why})")
         dist.print0(f"[data] {cfg.data.name}: {len(data)} training images, {data.num_classes} classes "
                     f"{list(data.class_names)}, {data.num_attributes} attribute values (hidden)")

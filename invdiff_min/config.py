@@ -90,6 +90,9 @@ class GroupConfig:
 class HeadConfig:
     """Stage C: the invariant guidance head G_psi and its training with L_e."""
     block_out_channels: tuple[int, ...] = (16, 24, 32)  # a small UNet from the same blocks (~21% of the cpu base)
+    many_classes_width: int = 2            # more than 2 classes: block_out_channels times this (fit_to_data), chosen
+    #                                        on data seed 1 (docs/results/kvalued/rule_recipe.md: the 16/24/32 head
+    #                                        left a class stuck even with oracle groups); 1 = the width as given
     layers_per_block: int = 1
     attention_levels: tuple[bool, ...] = (False, False, False)
     norm_num_groups: int = 8
@@ -240,6 +243,7 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "groups.top_fraction": (1e-6, 0.999999, "a share of each class"), "groups.num_groups": (1, 100_000, "groups"),
     "losses.profile_draws": (0, 10_000, "draws of the label profile (0 = off)"),
     "groups.min_subgroup": (0.0, 1.0, "a share of a high-loss group"),
+    "head.many_classes_width": (1, 16, "a whole multiple of the head's channels"),
     "data.resolution": (8, MAX_SIDE, "the image side; memory grows with its square"),
     "data.num_samples": (2, MAX_SAMPLES, "training images"), "eval.n_per_class": (1, 100_000, "samples per class"),
     "eval.num_steps": (1, 100_000, "sampling steps"), "eval.strength": (0.0, 20.0, "the guidance strength w"),
@@ -277,6 +281,17 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"head.lr_schedule must be 'constant' or 'cosine', got {cfg.head.lr_schedule!r}")
     if cfg.eval.num_steps > T:
         raise ValueError(f"eval.num_steps must be at most the {T} training timesteps, got {cfg.eval.num_steps}")
+
+
+def fit_to_data(cfg: RunConfig, num_classes: int, resolution: int) -> RunConfig:
+    """What only the data decides, made concrete before the config is saved: the UNet's classes and side, and
+    for more than two classes the head widened by head.many_classes_width (then recorded as 1, so fitting
+    again, or rebuilding from the saved config, changes nothing)."""
+    cfg.unet.num_classes, cfg.unet.sample_size = num_classes, resolution
+    if num_classes > 2 and cfg.head.many_classes_width != 1:
+        cfg.head.block_out_channels = tuple(c * cfg.head.many_classes_width for c in cfg.head.block_out_channels)
+        cfg.head.many_classes_width = 1
+    return cfg
 
 
 def _tiny() -> RunConfig:

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 from conftest import run_script, tiny_diffusers_unet
 from invdiff_min import amp, pipeline
-from invdiff_min.checkpoint import list_checkpoints, load_tensors
-from invdiff_min.config import get_preset
+from invdiff_min.checkpoint import list_checkpoints, load_tensors, load_unet
+from invdiff_min.config import RunConfig, fit_to_data, get_preset
 from invdiff_min.data import make_dataset
 from invdiff_min.diffusion import lr_at
+from invdiff_min.guidance import load_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,6 +249,29 @@ def test_whole_pipeline_on_the_built_in_k3_benchmark(tmp_path):
     assert len(summary["invdiff"]["attribute_share"]) == 3 and len(summary["invdiff"]["attribute_share"][0]) == 3
     saved = json.loads((out / "config.json").read_text())["config"]
     assert saved["data"]["aligned_fraction"] == 0.9 and saved["unet"]["num_classes"] == 3
+    # more than two classes: the head twice as wide as the tiny preset's (8, 16), recorded as applied
+    assert saved["head"]["block_out_channels"] == [16, 32] and saved["head"]["many_classes_width"] == 1
+    base, _, _ = load_unet(out, "cpu")
+    head, _ = load_head(out / "invdiff", base)
+    assert head.net.config.block_out_channels == (16, 32)
+
+
+def test_the_head_is_widened_for_more_than_two_classes_only_and_once():
+    cfg = get_preset("cpu")
+    assert fit_to_data(cfg, 2, 16).head.block_out_channels == (16, 24, 32)          # two classes: as tuned
+    wide = fit_to_data(get_preset("cpu"), 4, 16)
+    assert wide.head.block_out_channels == (32, 48, 64) and wide.unet.num_classes == 4
+    again = fit_to_data(RunConfig.from_dict(wide.to_dict()), 4, 16)                  # a saved config stays as it is
+    assert again.head.block_out_channels == (32, 48, 64)
+
+
+def test_an_explicit_head_width_is_taken_as_given_for_more_than_two_classes(tmp_path):
+    out = tmp_path / "run"
+    r = run("train.py", "--preset", "tiny", "--dataset", "shapes4", "--stage", "base", "--steps", "1",
+            "--set", "head.block_out_channels=[8,12]", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["head"]["block_out_channels"] == [8, 12] and saved["unet"]["num_classes"] == 4
 
 
 def test_group_inference_refuses_a_profile_of_other_data_and_margin_groups_without_one():
