@@ -26,7 +26,7 @@ from . import amp
 from . import distributed as dist
 from .checkpoint import fingerprint, list_checkpoints, load_state_into, load_tensors, load_unet
 from .checkpoint import read_json_object, save_tensors, write_json
-from .config import DiffusionConfig, RunConfig
+from .config import DiffusionConfig, RunConfig, fit_to_data
 from .data import BiasedDataset, DataSplits, from_model_range, to_model_range
 from .diffusion import denoising_loss, lr_at, make_sampler, sample, training_loss, update_ema
 from .evaluate import SampleSettings, make_judge, sample_and_judge
@@ -521,8 +521,10 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
     """Run `stage` ("all" or one of runs.STAGES) of the pipeline in `run_dir`: each stage starts, resumes from
     its newest checkpoint, or is skipped when its outputs are complete. `base_path`: use that base checkpoint
     instead of training one. `replaced`: the old run --overwrite moved aside, deleted after the first stage.
-    Returns the summary of the eval stage (rank 0), else None."""
+    Returns the summary of the eval stage (rank 0), else None. `cfg` is first fitted to the data in place
+    (classes, side, head width: config.fit_to_data), as train.py does before saving it."""
     data = splits.train
+    fit_to_data(cfg, data.num_classes, cfg.data.resolution)
     t0 = time.time()
 
     def wanted(name: str) -> bool:

@@ -265,6 +265,18 @@ def test_the_head_is_widened_for_more_than_two_classes_only_and_once():
     assert again.head.block_out_channels == (32, 48, 64)
 
 
+def test_pipeline_run_fits_a_preset_config_to_k_valued_data(tmp_path):
+    """From Python: a preset's two classes are not left to meet three (label 2 would read as the null label)."""
+    from invdiff_min.data import load_splits
+
+    cfg = get_preset("tiny")
+    cfg.data.name, cfg.train.steps = "shapes3", 1
+    pipeline.run(cfg, load_splits(cfg.data), tmp_path / "run", torch.device("cpu"), "base", progress=False)
+    assert cfg.unet.num_classes == 3 and cfg.head.block_out_channels == (16, 32)
+    base, _, _ = load_unet(tmp_path / "run", "cpu")
+    assert base.class_embedding.weight.shape[0] == 4                                # 3 classes + the null label
+
+
 def test_an_explicit_head_width_is_taken_as_given_for_more_than_two_classes(tmp_path):
     out = tmp_path / "run"
     r = run("train.py", "--preset", "tiny", "--dataset", "shapes4", "--stage", "base", "--steps", "1",
