@@ -114,7 +114,7 @@ def build_config(args) -> RunConfig:
     if args.init_from:
         pipeline.apply_init_from(cfg, args.init_from)
     apply_overrides(cfg, args.set)
-    if any(item.startswith("head.block_out_channels=") for item in args.set):
+    if any(item.partition("=")[0].strip() == "head.block_out_channels" for item in args.set):
         cfg.head.many_classes_width = 1                             # an explicit head width is taken as given
     check_config(cfg)
     return cfg
