@@ -101,6 +101,8 @@ class HeadConfig:
     lam: float = 1.0                       # lambda of L_e = mean_g R_g + lambda Var_g R_g
     batch_sampling: str = "balanced"       # "balanced" over groups (ours) or "uniform" (official)
     paired_draws: bool = True              # balanced batches: groups share their (t, eps) draws slot by slot
+    large_t_share: float = 0.0             # this share of the head's t draws from the upper half U{T/2..T-1}, the
+    #                                        rest U{0..T-1} (0: the paper's uniform t, exactly)
     ema_decay: float = 0.995               # EMA of the head's weights, used for sampling (0 = no EMA)
     steps: int = 4500                      # chosen on data seeds 1, 2 (docs/tuning_head_steps.json); 1,500 left
     #                                        the head weak at w = 1, so w = 3 was needed and cost fidelity
@@ -244,6 +246,7 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "losses.profile_draws": (0, 10_000, "draws of the label profile (0 = off)"),
     "groups.min_subgroup": (0.0, 1.0, "a share of a high-loss group"),
     "head.many_classes_width": (1, 16, "a whole multiple of the head's channels"),
+    "head.large_t_share": (0.0, 1.0, "a share of the head's t draws"),
     "data.resolution": (8, MAX_SIDE, "the image side; memory grows with its square"),
     "data.num_samples": (2, MAX_SAMPLES, "training images"), "eval.n_per_class": (1, 100_000, "samples per class"),
     "eval.num_steps": (1, 100_000, "sampling steps"), "eval.strength": (0.0, 20.0, "the guidance strength w"),

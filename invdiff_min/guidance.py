@@ -125,6 +125,20 @@ def invariant_loss(losses: torch.Tensor, assignments: torch.Tensor, lam: float) 
     return risks.mean() + lam * variance, risks
 
 
+def head_timesteps(n: int, num_train_timesteps: int, large_t_share: float, generator: torch.Generator) -> torch.Tensor:
+    """The head's t draws, (n,): t ~ U{0..T-1}, each replaced with probability `large_t_share` by t ~ U{T/2..T-1}.
+
+    deviation (paper: t uniform): with more than two attribute values the value a sample takes is settled at large
+    t, where every group's eps loss is small and alike, so uniform t barely weighs it (docs/results/kvalued/
+    rule_large_t.md). A share of 0 draws exactly the uniform t of before (no extra random numbers)."""
+    t = torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    if large_t_share == 0:
+        return t
+    upper = torch.rand(n, generator=generator) < large_t_share
+    t_upper = torch.randint(num_train_timesteps // 2, num_train_timesteps, (n,), generator=generator)
+    return torch.where(upper, t_upper, t)
+
+
 class GroupBatchSampler:
     """Minibatch indices for head training.
 

@@ -33,7 +33,8 @@ from .evaluate import SampleSettings, make_judge, sample_and_judge
 from .groups import (auto_t_window, check_group_index, class_margin_groups, class_topk_groups, group_report,
                      label_profile, loss_draws, normalize_by_t, official_groups, oracle_groups, per_sample_losses,
                      uniform_groups)
-from .guidance import GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, invariant_loss, load_head
+from .guidance import GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, head_timesteps, invariant_loss
+from .guidance import load_head
 from .metrics import attribute_shares, auroc, bias_score, minority_share
 from .plots import save_grid, save_loss_curve, save_loss_histogram
 from .progress import progress_bar
@@ -396,7 +397,7 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
         # the spread of the group risks R_g reflects the groups, not which t each drew (else mostly noise)
         n_draws = int(slots.max()) + 1 if settings.paired_draws else len(idx)
         draw = slots if settings.paired_draws else torch.arange(len(idx))
-        t = torch.randint(0, scheduler.num_train_timesteps, (n_draws,), generator=g)[draw]
+        t = head_timesteps(n_draws, scheduler.num_train_timesteps, settings.large_t_share, g)[draw]
         eps = torch.randn((n_draws, *data.images.shape[1:]), generator=g)[draw]
         rows = dist.my_slice(len(idx))                               # this rank's samples
         x0 = to_model_range(images[idx[rows].to(device)])

@@ -95,3 +95,24 @@ def test_official_mix_head_is_a_copy_of_the_base():
     assert sum(p.numel() for p in head.net.parameters()) + head.phi.weight.numel() == \
         sum(p.numel() for p in base.parameters())
     assert torch.equal(head.net.conv_in.weight, base.conv_in.weight)
+
+
+def test_head_timesteps_share_zero_is_the_uniform_draw_and_one_the_upper_half():
+    from invdiff_min.guidance import head_timesteps
+    g0, g1 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(head_timesteps(500, 1000, 0.0, g0), torch.randint(0, 1000, (500,), generator=g1))
+    assert torch.equal(torch.randn(4, generator=g0), torch.randn(4, generator=g1))   # no extra numbers drawn
+    upper = head_timesteps(500, 1000, 1.0, torch.Generator().manual_seed(3))
+    assert upper.min() >= 500 and upper.max() <= 999
+    half = head_timesteps(20_000, 1000, 0.5, torch.Generator().manual_seed(3))
+    assert half.min() >= 0 and half.max() <= 999
+    assert 0.73 < (half >= 500).float().mean() < 0.77                 # 0.5 + 0.5 * 0.5 of the draws in the upper half
+    assert 0.23 < (half < 500).float().mean() < 0.27
+
+
+def test_large_t_share_outside_zero_one_is_refused():
+    from invdiff_min.config import check_config
+    cfg = get_preset("tiny")
+    cfg.head.large_t_share = 1.5
+    with pytest.raises(ValueError, match=r"head.large_t_share must be a number in \[0, 1\]"):
+        check_config(cfg)
