@@ -15,6 +15,8 @@ reports Bias, minority share per class and fidelity at each strength w:
                           with 2 classes it equals invdiff)
     invdiff_margin        the label-margin groups (groups.method="class_margin": the samples another label
                           explains better than their own, split by it; needs the run's label profile)
+    invdiff_label_topk    each class split by its best other label, then the top losses of each part
+                          (groups.method="class_label_topk"; needs the run's label profile)
     invdiff_uniform       inferred groups, uniform batches                        (the official batching)
     official_groups       the official grouper (G = 8, soft, Adam), balanced batches
     oracle                hidden (y, b) groups, balanced batches                  (upper bound, not label-free)
@@ -40,7 +42,8 @@ from invdiff_min.checkpoint import load_tensors, load_unet, read_json, save_tens
 from invdiff_min.config import RunConfig, apply_overrides, check_config
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
-from invdiff_min.groups import class_margin_groups, class_topk_groups, group_report, official_groups
+from invdiff_min.groups import class_label_topk_groups, class_margin_groups, class_topk_groups, group_report
+from invdiff_min.groups import official_groups
 from invdiff_min.guidance import load_head
 
 VARIANTS = {  # name: (group source, batch sampling)
@@ -48,6 +51,7 @@ VARIANTS = {  # name: (group source, batch sampling)
     "invdiff_uniform": ("invdiff", "uniform"),
     "invdiff_unsplit": ("unsplit", "balanced"),
     "invdiff_margin": ("margin", "balanced"),
+    "invdiff_label_topk": ("label_topk", "balanced"),
     "official_groups": ("official", "balanced"),
     "oracle": ("oracle", "balanced"),
     "oracle_uniform": ("oracle", "uniform"),
@@ -61,11 +65,13 @@ def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> tor
     if source == "unsplit":
         losses = load_tensors(run_dir / "losses.safetensors")["loss"]
         return class_topk_groups(losses, data.labels, data.num_classes, cfg.groups.top_fraction)
-    if source == "margin":
+    if source in ("margin", "label_topk"):
         saved = load_tensors(run_dir / "losses.safetensors")
         if "profile" not in saved:
-            raise SystemExit(f"error: {run_dir / 'losses.safetensors'} has no label profile, which invdiff_margin "
+            raise SystemExit(f"error: {run_dir / 'losses.safetensors'} has no label profile, which invdiff_{source} "
                              f"needs: rerun --stage losses with --set losses.profile_draws=4 into a new run")
+        if source == "label_topk":
+            return class_label_topk_groups(saved["loss"], data.labels, saved["profile"], cfg.groups.top_fraction)
         return class_margin_groups(data.labels, saved["profile"], cfg.groups.min_subgroup)
     if source != "official":
         inferred = pipeline.load_groups(run_dir) if source == "invdiff" else None

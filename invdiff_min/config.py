@@ -72,7 +72,9 @@ class GroupConfig:
     """Stage B, part 2: bias-annotation inference, the paper's "maximize L_e" over the assignment W: the
     groups that spread the group risks R_g most (its variance term)."""
     method: str = "class_topk"             # "class_topk" (our default: per-class high-loss group), "class_margin"
-    #                                        (the samples another label explains better, split by it) or "official"
+    #                                        (the samples another label explains better, split by it),
+    #                                        "class_label_topk" (each class split by that label, then the top
+    #                                        losses of each part) or "official"
     top_fraction: float = 0.05             # class_topk: share of each class put in its high-loss group
     min_subgroup: float = 0.2              # class_topk with > 2 classes, and class_margin: least share of a
     #                                        high-loss group a sub-group needs (smaller ones join the others)
@@ -229,7 +231,7 @@ def _fit(value, hint, where: str):
 MAX_STEPS = 10_000_000                     # beyond any run this project is meant for; catches 1e12 typos
 MAX_SIDE = 512                             # activations grow with the square of the side: 512 already needs GBs
 MAX_SAMPLES = 10_000_000
-GROUP_METHODS = ("class_topk", "class_margin", "official")
+GROUP_METHODS = ("class_topk", "class_margin", "class_label_topk", "official")
 FLAG = {"train.steps": "--steps", "head.steps": "--head-steps", "train.lr": "--lr", "head.lr": "--head-lr",
         "data.resolution": "--resolution", "data.num_samples": "--num-samples", "data.seed": "--data-seed",
         "data.aligned_fraction": "--aligned-fraction", "train.seed": "--seed"}
@@ -278,8 +280,9 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"losses.t_window must be [lo, hi) with 0 <= lo < hi <= {T}, got {list(window)}")
     if cfg.groups.method not in GROUP_METHODS:
         raise ValueError(f"groups.method must be one of {', '.join(GROUP_METHODS)}, got {cfg.groups.method!r}")
-    if cfg.groups.method == "class_margin" and cfg.losses.profile_draws == 0:
-        raise ValueError("groups.method 'class_margin' reads the label profile: set losses.profile_draws above 0")
+    if cfg.groups.method in ("class_margin", "class_label_topk") and cfg.losses.profile_draws == 0:
+        raise ValueError(f"groups.method {cfg.groups.method!r} reads the label profile: set losses.profile_draws "
+                         f"above 0")
     if cfg.head.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"head.lr_schedule must be 'constant' or 'cosine', got {cfg.head.lr_schedule!r}")
     if cfg.eval.num_steps > T:

@@ -25,6 +25,8 @@ stage C (guidance.py) then minimises L_e over them. Official code: src/group/tra
      class being harder to denoise does not masquerade as bias. Gives 2 * num_classes hard groups.
    * `class_margin_groups` (an option for K > 2): the samples another label explains better than their own,
      split by that label; no size constraint.
+   * `class_label_topk_groups` (an option for K > 2): each class split by the label that explains a sample best
+     among the others, then the highest losses of each part (K - 1 high-loss sub-groups of equal size).
    * `oracle_groups`: the hidden (y, b) cells: the upper bound, never label-free.
 """
 from __future__ import annotations
@@ -241,6 +243,33 @@ def class_topk_groups(losses: torch.Tensor, labels: torch.Tensor, num_classes: i
         group[idx] = per_class * c
         group[high] = per_class * c + 1 + (0 if profile is None else split_by_label(profile[high], c, min_subgroup))
     return torch.nn.functional.one_hot(group, per_class * num_classes).float()
+
+
+def class_label_topk_groups(losses: torch.Tensor, labels: torch.Tensor, profile: torch.Tensor,
+                            top_fraction: float = 0.05) -> torch.Tensor:
+    """Hard groups for a K-valued attribute: each class c is first split by the other label that explains each
+    sample best (argmin_{k != c} P_ik of `label_profile`), then the top `top_fraction / (K - 1)` of the class's
+    samples by loss are taken from each part. K - 1 high-loss sub-groups of equal size per class, so a value whose
+    minority samples have lower losses than another's still gets its group (with `class_topk_groups` the top
+    `top_fraction` of the class may hold too few of them). profile (N, K) -> W (N, K * K), columns as in
+    `class_topk_groups` with a profile; 2 classes: exactly its groups.
+    deviation (paper, official code): neither; an option measured for K > 2 (docs/results/kvalued)."""
+    if not 0 < top_fraction < 1:
+        raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
+    num_classes = profile.shape[1]
+    group = labels * num_classes                                                # every sample: the rest of c
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        if len(idx) == 0:
+            continue
+        others = [j for j in range(num_classes) if j != c]
+        part = profile[idx][:, others].argmin(1)                                # (n_c,) best other label's position
+        k = max(1, int(round(top_fraction * len(idx) / len(others))))
+        for j in range(len(others)):
+            members = idx[part == j]
+            high = members[losses[members].argsort(descending=True)[:k]]
+            group[high] = num_classes * c + 1 + j
+    return torch.nn.functional.one_hot(group, num_classes * num_classes).float()
 
 
 def class_margin_groups(labels: torch.Tensor, profile: torch.Tensor, min_subgroup: float = 0.2) -> torch.Tensor:

@@ -30,9 +30,9 @@ from .config import DiffusionConfig, RunConfig, fit_to_data
 from .data import BiasedDataset, DataSplits, from_model_range, to_model_range
 from .diffusion import denoising_loss, lr_at, make_sampler, sample, training_loss, update_ema
 from .evaluate import SampleSettings, make_judge, sample_and_judge
-from .groups import (auto_t_window, check_group_index, class_margin_groups, class_topk_groups, group_report,
-                     label_profile, loss_draws, normalize_by_t, official_groups, oracle_groups, per_sample_losses,
-                     uniform_groups)
+from .groups import (auto_t_window, check_group_index, class_label_topk_groups, class_margin_groups,
+                     class_topk_groups, group_report, label_profile, loss_draws, normalize_by_t, official_groups,
+                     oracle_groups, per_sample_losses, uniform_groups)
 from .guidance import GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, head_timesteps, invariant_loss
 from .guidance import load_head
 from .metrics import attribute_shares, auroc, bias_score, minority_share
@@ -317,17 +317,19 @@ def infer_groups(cfg: RunConfig, data: BiasedDataset, losses: PerSampleLosses) -
     if settings.method == "class_topk":
         w = class_topk_groups(losses.loss, data.labels, data.num_classes, settings.top_fraction, profile,
                               settings.min_subgroup)
-    elif settings.method == "class_margin":
+    elif settings.method in ("class_margin", "class_label_topk"):
         if profile is None:
-            raise ValueError("groups.method 'class_margin' needs the label profile, which losses.safetensors lacks: "
-                             "rerun --stage losses with losses.profile_draws above 0")
-        w = class_margin_groups(data.labels, profile, settings.min_subgroup)
+            raise ValueError(f"groups.method {settings.method!r} needs the label profile, which losses.safetensors "
+                             f"lacks: rerun --stage losses with losses.profile_draws above 0")
+        w = class_margin_groups(data.labels, profile, settings.min_subgroup) if settings.method == "class_margin" \
+            else class_label_topk_groups(losses.loss, data.labels, profile, settings.top_fraction)
     elif settings.method == "official":
         w = official_groups(losses.loss, settings.num_groups, settings.steps, settings.lr, settings.w_nz,
                             settings.restarts, settings.seed, data.labels if settings.within_class else None,
                             settings.hard)
     else:
-        raise ValueError(f"unknown group method {settings.method!r}; use 'class_topk', 'class_margin' or 'official'")
+        raise ValueError(f"unknown group method {settings.method!r}; use 'class_topk', 'class_margin', "
+                         f"'class_label_topk' or 'official'")
     report = group_report(w, losses.loss, data.labels, data.conflicting, data.group)
     return Groups(w, data.index, settings.method, report.to_dict())
 

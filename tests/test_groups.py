@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from invdiff_min.groups import (auto_t_window, class_margin_groups, class_topk_groups, group_report, group_risks,
+from invdiff_min.groups import (auto_t_window, class_label_topk_groups, class_margin_groups, class_topk_groups,
+                                group_report, group_risks,
                                 normalize_by_t, official_groups, oracle_groups, per_sample_losses, uniform_groups)
 from invdiff_min.scheduler import DDPMScheduler
 
@@ -204,3 +205,26 @@ def test_class_margin_groups_take_the_samples_another_label_explains_better_and_
     assert int((group[labels == 0] != 0).sum()) == 0
     assert int((group == 5).sum()) == 0 and int((group == 4).sum()) > 30      # the five joined label 0's group
     assert torch.equal(group[few[:5]], torch.full((5,), 4))
+
+
+def test_class_label_topk_gives_every_value_its_group_when_one_value_has_lower_losses():
+    """The top 5% of a class by loss can hold too few samples of a value whose conflicting samples are denoised
+    less badly than another's (class_topk then gives it no group); split by the profile first, each value gets
+    top_fraction / (K - 1) of the class's samples."""
+    losses, labels, value, profile = planted_k3()
+    quieter = (value == (labels + 2) % 3) & (value != labels)        # each class's second minority value
+    losses[quieter] -= 0.25                                          # still above the majority, below the other
+    default = class_topk_groups(losses, labels, 3, 0.05, profile).argmax(1)
+    position = [[j for j in range(3) if j != c].index((c + 2) % 3) for c in range(3)]
+    assert all(int((default == 3 * c + 1 + position[c]).sum()) == 0 for c in range(3))   # class_topk: no group
+    w = class_label_topk_groups(losses, labels, profile, top_fraction=0.05)
+    assert w.shape == (3000, 9) and torch.equal(w.sum(1), torch.ones(3000))
+    group = w.argmax(1)
+    assert torch.equal(group // 3, labels)                           # groups never mix classes
+    for c in range(3):
+        for j, k in enumerate(j for j in range(3) if j != c):
+            members = value[group == 3 * c + 1 + j]
+            assert len(members) == round(0.05 * 1000 / 2) and float((members == k).float().mean()) > 0.8
+    two = planted_losses()
+    assert torch.equal(class_label_topk_groups(two[0], two[1], torch.randn(2000, 2), 0.05),
+                       class_topk_groups(two[0], two[1], 2, 0.05))  # two classes: exactly the default groups

@@ -301,6 +301,13 @@ def test_group_inference_refuses_a_profile_of_other_data_and_margin_groups_witho
     losses.profile = torch.randn(n, 3)
     groups = pipeline.infer_groups(cfg, data, losses)
     assert groups.assignments.shape == (n, 9) and groups.method == "class_margin"
+    cfg.groups.method = "class_label_topk"
+    groups = pipeline.infer_groups(cfg, data, losses)
+    assert groups.assignments.shape == (n, 9) and groups.method == "class_label_topk"
+    assert groups.assignments[:, 1::3].sum() > 0 and groups.assignments[:, 2::3].sum() > 0   # both sub-groups
+    losses.profile = None
+    with pytest.raises(ValueError, match="'class_label_topk' needs the label profile"):
+        pipeline.infer_groups(cfg, data, losses)
 
 
 def test_summary_table_keeps_columns_apart_for_four_values():
