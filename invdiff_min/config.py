@@ -232,6 +232,7 @@ MAX_STEPS = 10_000_000                     # beyond any run this project is mean
 MAX_SIDE = 512                             # activations grow with the square of the side: 512 already needs GBs
 MAX_SAMPLES = 10_000_000
 GROUP_METHODS = ("class_topk", "class_margin", "class_label_topk", "official")
+PROFILE_METHODS = ("class_margin", "class_label_topk")   # group methods that read the label profile
 FLAG = {"train.steps": "--steps", "head.steps": "--head-steps", "train.lr": "--lr", "head.lr": "--head-lr",
         "data.resolution": "--resolution", "data.num_samples": "--num-samples", "data.seed": "--data-seed",
         "data.aligned_fraction": "--aligned-fraction", "train.seed": "--seed"}
@@ -280,7 +281,7 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"losses.t_window must be [lo, hi) with 0 <= lo < hi <= {T}, got {list(window)}")
     if cfg.groups.method not in GROUP_METHODS:
         raise ValueError(f"groups.method must be one of {', '.join(GROUP_METHODS)}, got {cfg.groups.method!r}")
-    if cfg.groups.method in ("class_margin", "class_label_topk") and cfg.losses.profile_draws == 0:
+    if cfg.groups.method in PROFILE_METHODS and cfg.losses.profile_draws == 0:
         raise ValueError(f"groups.method {cfg.groups.method!r} reads the label profile: set losses.profile_draws "
                          f"above 0")
     if cfg.head.lr_schedule not in ("constant", "cosine"):

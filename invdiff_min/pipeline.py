@@ -26,7 +26,7 @@ from . import amp
 from . import distributed as dist
 from .checkpoint import fingerprint, list_checkpoints, load_state_into, load_tensors, load_unet
 from .checkpoint import read_json_object, save_tensors, write_json
-from .config import DiffusionConfig, RunConfig, fit_to_data
+from .config import PROFILE_METHODS, DiffusionConfig, RunConfig, fit_to_data
 from .data import BiasedDataset, DataSplits, from_model_range, to_model_range
 from .diffusion import denoising_loss, lr_at, make_sampler, sample, training_loss, update_ema
 from .evaluate import SampleSettings, make_judge, sample_and_judge
@@ -270,7 +270,7 @@ def compute_losses(cfg: RunConfig, data: BiasedDataset, base: UNet, device: torc
                          progress)
     result = PerSampleLosses(losses, data.index, window, info)
     info.update(loss_aucs(losses, data))                             # evaluation only (hidden labels)
-    if settings.profile_draws > 0 and (data.num_classes > 2 or cfg.groups.method == "class_margin"):
+    if settings.profile_draws > 0 and (data.num_classes > 2 or cfg.groups.method in PROFILE_METHODS):
         # (K + 1) network calls per draw: for K = 3 and 4 draws about as long as the losses above (8 draws x 2);
         # every rank computes it whole
         with amp.autocast(device, cfg.train.precision):
@@ -317,7 +317,7 @@ def infer_groups(cfg: RunConfig, data: BiasedDataset, losses: PerSampleLosses) -
     if settings.method == "class_topk":
         w = class_topk_groups(losses.loss, data.labels, data.num_classes, settings.top_fraction, profile,
                               settings.min_subgroup)
-    elif settings.method in ("class_margin", "class_label_topk"):
+    elif settings.method in PROFILE_METHODS:
         if profile is None:
             raise ValueError(f"groups.method {settings.method!r} needs the label profile, which losses.safetensors "
                              f"lacks: rerun --stage losses with losses.profile_draws above 0")

@@ -310,6 +310,25 @@ def test_group_inference_refuses_a_profile_of_other_data_and_margin_groups_witho
         pipeline.infer_groups(cfg, data, losses)
 
 
+def test_label_topk_groups_with_two_classes_compute_the_profile_and_equal_the_default(tmp_path):
+    """groups.method="class_label_topk" on two-valued data: the losses stage computes the label profile it reads
+    (a method of its own, not only K > 2), and the groups are exactly class_topk's."""
+    from invdiff_min.data import load_splits
+    from invdiff_min.groups import class_topk_groups
+
+    cfg = get_preset("tiny")
+    cfg.train.steps, cfg.groups.method = 1, "class_label_topk"
+    splits = load_splits(cfg.data)
+    for stage in ("base", "losses", "groups"):
+        pipeline.run(cfg, splits, tmp_path / "run", torch.device("cpu"), stage, progress=False)
+    losses = pipeline.load_losses(tmp_path / "run")
+    assert losses.profile is not None and losses.profile.shape == (len(losses.loss), 2)
+    groups = pipeline.load_groups(tmp_path / "run")
+    assert groups.method == "class_label_topk"
+    data = splits.train
+    assert torch.equal(groups.assignments, class_topk_groups(losses.loss, data.labels, 2, cfg.groups.top_fraction))
+
+
 def test_summary_table_keeps_columns_apart_for_four_values():
     shares = [[0.25, 0.25, 0.25, 0.25]] * 4
     row = {"bias": 0.123, "fidelity": 0.9, "attribute_share": shares, "minority_share": [0.5] * 4}
