@@ -1,12 +1,14 @@
-"""Probe (outside the library, not a candidate): a head conditioned on the inferred sub-group instead of the class.
+"""Probe (outside the library): a head conditioned on the inferred sub-group, instead of or beside the class.
 
     python docs/results/kvalued/probe_group_head.py RUN OUT HEAD_SEED W [W ...]   (RUN: a train.py run of shapes3/4
-    with a label profile; writes OUT/head_sS.safetensors and OUT/report_sS.json; results in rule_label_topk.md;
-    a smoke run: STEPS=3 NPC=4 in the environment)
+    with a label profile; writes OUT/head_sS.safetensors and OUT/report_sS.json; results in rule_label_topk.md and
+    rule_class_group.md; a smoke run: STEPS=3 NPC=4 in the environment)
 
-Phi(g) over the class_label_topk groups (K*K of them, group g belongs to class g // K); training as train_head
-(balanced batches, paired draws, L_e, AdamW, EMA, the run's head recipe); sampling draws one of the K groups of
-the requested class uniformly per sample, fixed over the chain."""
+COND=group (default): Phi(g) over the class_label_topk groups (K*K of them, group g belongs to class g // K).
+COND=class_group: Phi(y) + Phi'(g), Phi' zero-initialised, so the head starts as the class-conditioned one and
+every class shares its own term. Training as train_head (balanced batches, paired draws, L_e, AdamW, EMA, the run's
+head recipe); sampling draws one of the K groups of the requested class uniformly per sample, fixed over the
+chain."""
 import copy, json, os, sys, time
 from pathlib import Path
 
@@ -39,26 +41,39 @@ group_of = W.argmax(1)
 assert (group_of // K == data.labels).all()
 
 
+COND = os.environ.get("COND", "group")
+assert COND in ("group", "class_group"), COND
+
+
 class GroupHead(torch.nn.Module):
-    """G_psi(x, t, Phi(g)); `g` is set per batch (training) or drawn per chain from y (sampling)."""
+    """G_psi(x, t, Phi(g)) or G_psi(x, t, Phi(y) + Phi'(g)); `g` is set per batch (training) or drawn per chain
+    from y (sampling)."""
 
     def __init__(self):
         super().__init__()
         net_cfg = copy.deepcopy(base.config)
-        net_cfg.num_classes = G
+        net_cfg.num_classes = G if COND == "group" else K
         h = cfg.head
         self.inner = InvariantGuidance.small(net_cfg, h.block_out_channels, h.layers_per_block, h.attention_levels,
                                              h.norm_num_groups)
+        if COND == "class_group":
+            self.phi_g = torch.nn.Embedding(G, self.inner.phi.embedding_dim)
+            torch.nn.init.zeros_(self.phi_g.weight)
         self.g, self.last_t, self.gen = None, -1, torch.Generator().manual_seed(1234)
+
+    def cond(self, x, t, y):
+        if COND == "group":
+            return self.inner(x, t, self.g)
+        return self.inner.net(x, t, cond_emb=self.inner.phi(y) + self.phi_g(self.g))
 
     def forward(self, x, t, y):
         if self.training:
-            return self.inner(x, t, self.g)
+            return self.cond(x, t, y)
         if int(t.max()) > self.last_t or self.g is None or len(self.g) != len(y):     # a new chain
             real = y < K
             self.g = torch.where(real, K * y.clamp(max=K - 1) + torch.randint(0, K, y.shape, generator=self.gen), 0)
         self.last_t = int(t.max())
-        return self.inner(x, t, self.g)
+        return self.cond(x, t, y)
 
 
 h = cfg.head
