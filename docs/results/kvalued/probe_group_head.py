@@ -59,7 +59,7 @@ class GroupHead(torch.nn.Module):
         if COND == "class_group":
             self.phi_g = torch.nn.Embedding(G, self.inner.phi.embedding_dim)
             torch.nn.init.zeros_(self.phi_g.weight)
-        self.g, self.last_t, self.gen = None, -1, torch.Generator().manual_seed(1234)
+        self.g, self.last_t, self.gen, self.drawn = None, -1, torch.Generator().manual_seed(1234), []
 
     def cond(self, x, t, y):
         if COND == "group":
@@ -72,6 +72,7 @@ class GroupHead(torch.nn.Module):
         if int(t.max()) > self.last_t or self.g is None or len(self.g) != len(y):     # a new chain
             real = y < K
             self.g = torch.where(real, K * y.clamp(max=K - 1) + torch.randint(0, K, y.shape, generator=self.gen), 0)
+            self.drawn.append(self.g.clone())
         self.last_t = int(t.max())
         return self.cond(x, t, y)
 
@@ -115,8 +116,13 @@ judge = make_judge(splits, run / "judges", device, cfg.eval.judge_steps)
 how = pipeline.sample_settings(cfg, device, **({"n_per_class": int(os.environ["NPC"])} if "NPC" in os.environ else {}))
 report = {}
 for w in strengths:
-    ema.g, ema.last_t = None, -1
-    m = sample_and_judge(base, ema, w, judge, how, h.mode, h.mix_ratio)[2]
+    ema.g, ema.last_t, ema.drawn = None, -1, []
+    images, labels, m = sample_and_judge(base, ema, w, judge, how, h.mode, h.mix_ratio)
+    # does a sample take the value its drawn sub-group stands for? rows: class c, its sub-group j (0: the rest of
+    # the class, 1 + i: the i-th other label); columns: the shares of the values read (unreadable left out)
+    drawn, read = torch.cat(ema.drawn), judge.read_attribute(images)
+    m["shares_by_drawn_group"] = [[[round(float((read[(drawn == K * c + j) & (read >= 0)] == v).float().mean()), 3)
+                                    for v in range(K)] for j in range(K)] for c in range(K)]
     report[str(w)] = m
     shares = " ".join("/".join(f"{v:.2f}" for v in row) for row in m["attribute_share"])
     print(f"w={w} Bias {m['bias']:.3f} fidelity {m.get('fidelity', float('nan')):.3f} shares {shares} "
