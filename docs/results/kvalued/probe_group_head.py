@@ -6,9 +6,10 @@
 
 COND=group (default): Phi(g) over the class_label_topk groups (K*K of them, group g belongs to class g // K).
 COND=class_group: Phi(y) + Phi'(g), Phi' zero-initialised, so the head starts as the class-conditioned one and
-every class shares its own term. Training as train_head (balanced batches, paired draws, L_e, AdamW, EMA, the run's
-head recipe); sampling draws one of the K groups of the requested class uniformly per sample, fixed over the
-chain."""
+every class shares its own term. W_REST=1: the rest of each class sampled at strength 1, its sub-groups at w.
+SAME_DRAWS=1: each w samples with the same sub-group draws. Training as train_head (balanced batches, paired
+draws, L_e, AdamW, EMA, the run's head recipe); sampling draws one of the K groups of the requested class
+uniformly per sample, fixed over the chain."""
 import copy, json, os, sys, time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ assert (group_of // K == data.labels).all()
 
 
 COND = os.environ.get("COND", "group")
+W_REST = float(os.environ["W_REST"]) if "W_REST" in os.environ else None
 assert COND in ("group", "class_group"), COND
 
 
@@ -74,7 +76,10 @@ class GroupHead(torch.nn.Module):
             self.g = torch.where(real, K * y.clamp(max=K - 1) + torch.randint(0, K, y.shape, generator=self.gen), 0)
             self.drawn.append(self.g.clone())
         self.last_t = int(t.max())
-        return self.cond(x, t, y)
+        out = self.cond(x, t, y)
+        if W_REST is not None:               # the rest of each class at strength W_REST, its sub-groups at w
+            out = out * torch.where(self.g % K == 0, W_REST / self.w, 1.0).view(-1, 1, 1, 1).to(out.dtype)
+        return out
 
 
 h = cfg.head
@@ -116,7 +121,9 @@ judge = make_judge(splits, run / "judges", device, cfg.eval.judge_steps)
 how = pipeline.sample_settings(cfg, device, **({"n_per_class": int(os.environ["NPC"])} if "NPC" in os.environ else {}))
 report = {}
 for w in strengths:
-    ema.g, ema.last_t, ema.drawn = None, -1, []
+    ema.g, ema.last_t, ema.drawn, ema.w = None, -1, [], w
+    if "SAME_DRAWS" in os.environ:           # the same sub-group draws at every w (else they follow on)
+        ema.gen = torch.Generator().manual_seed(1234)
     images, labels, m = sample_and_judge(base, ema, w, judge, how, h.mode, h.mix_ratio)
     # does a sample take the value its drawn sub-group stands for? rows: class c, its sub-group j (0: the rest of
     # the class, 1 + i: the i-th other label); columns: the shares of the values read (unreadable left out)
