@@ -124,7 +124,7 @@ for w in strengths:
     ema.g, ema.last_t, ema.drawn, ema.w = None, -1, [], w
     if "SAME_DRAWS" in os.environ:           # the same sub-group draws at every w (else they follow on)
         ema.gen = torch.Generator().manual_seed(1234)
-    images, labels, m = sample_and_judge(base, ema, w, judge, how, h.mode, h.mix_ratio)
+    images, _, m = sample_and_judge(base, ema, w, judge, how, h.mode, h.mix_ratio)
     # does a sample take the value its drawn sub-group stands for? rows: class c, its sub-group j (0: the rest of
     # the class, 1 + i: the i-th other label); columns: the shares of the values read (unreadable left out)
     drawn, read = torch.cat(ema.drawn), judge.read_attribute(images)
