@@ -7,7 +7,8 @@
 COND=group (default): Phi(g) over the class_label_topk groups (K*K of them, group g belongs to class g // K).
 COND=class_group: Phi(y) + Phi'(g), Phi' zero-initialised, so the head starts as the class-conditioned one and
 every class shares its own term. W_REST=1: the rest of each class sampled at strength 1, its sub-groups at w.
-SAME_DRAWS=1: each w samples with the same sub-group draws. Training as train_head (balanced batches, paired
+SAME_DRAWS=1: each w samples with the same sub-group draws. STRATIFIED=1: each class's sub-groups drawn in
+equal numbers (a balanced list per class, shuffled, consumed chain by chain) instead of independently. Training as train_head (balanced batches, paired
 draws, L_e, AdamW, EMA, the run's head recipe); sampling draws one of the K groups of the requested class
 uniformly per sample, fixed over the chain."""
 import copy, json, os, sys, time
@@ -44,6 +45,7 @@ assert (group_of // K == data.labels).all()
 
 COND = os.environ.get("COND", "group")
 W_REST = float(os.environ["W_REST"]) if "W_REST" in os.environ else None
+STRATIFIED = "STRATIFIED" in os.environ
 assert COND in ("group", "class_group"), COND
 
 
@@ -62,6 +64,18 @@ class GroupHead(torch.nn.Module):
             self.phi_g = torch.nn.Embedding(G, self.inner.phi.embedding_dim)
             torch.nn.init.zeros_(self.phi_g.weight)
         self.g, self.last_t, self.gen, self.drawn = None, -1, torch.Generator().manual_seed(1234), []
+        self.queue = None                    # STRATIFIED: per class, the sub-groups still to hand out
+
+    def draw(self, y):
+        """One of its class's K sub-groups for each sample (class labels y (B,); the null label K -> 0)."""
+        real = y < K
+        if not STRATIFIED:
+            return torch.where(real, K * y.clamp(max=K - 1) + torch.randint(0, K, y.shape, generator=self.gen), 0)
+        if self.queue is None:               # n_per_class per class, in equal numbers (+-1), shuffled
+            n = how.n_per_class
+            self.queue = [(K * c + torch.arange(n) % K)[torch.randperm(n, generator=self.gen)].tolist()
+                          for c in range(K)]
+        return torch.tensor([self.queue[c].pop() if c < K else 0 for c in y.tolist()])
 
     def cond(self, x, t, y):
         if COND == "group":
@@ -72,8 +86,7 @@ class GroupHead(torch.nn.Module):
         if self.training:
             return self.cond(x, t, y)
         if int(t.max()) > self.last_t or self.g is None or len(self.g) != len(y):     # a new chain
-            real = y < K
-            self.g = torch.where(real, K * y.clamp(max=K - 1) + torch.randint(0, K, y.shape, generator=self.gen), 0)
+            self.g = self.draw(y)
             self.drawn.append(self.g.clone())
         self.last_t = int(t.max())
         out = self.cond(x, t, y)
@@ -121,7 +134,7 @@ judge = make_judge(splits, run / "judges", device, cfg.eval.judge_steps)
 how = pipeline.sample_settings(cfg, device, **({"n_per_class": int(os.environ["NPC"])} if "NPC" in os.environ else {}))
 report = {}
 for w in strengths:
-    ema.g, ema.last_t, ema.drawn, ema.w = None, -1, [], w
+    ema.g, ema.last_t, ema.drawn, ema.w, ema.queue = None, -1, [], w, None
     if "SAME_DRAWS" in os.environ:           # the same sub-group draws at every w (else they follow on)
         ema.gen = torch.Generator().manual_seed(1234)
     images, _, m = sample_and_judge(base, ema, w, judge, how, h.mode, h.mix_ratio)
