@@ -105,6 +105,9 @@ class HeadConfig:
     paired_draws: bool = True              # balanced batches: groups share their (t, eps) draws slot by slot
     large_t_share: float = 0.0             # this share of the head's t draws from the upper half U{T/2..T-1}, the
     #                                        rest U{0..T-1} (0: the paper's uniform t, exactly)
+    condition: str = "class"               # "class": G_psi(x, t, Phi(y)) (the paper); "class_group": Phi(y) +
+    #                                        Phi'(g) with g the sample's inferred sub-group, one drawn uniformly per
+    #                                        sample at sampling (guidance.py; an option for K > 2 values)
     ema_decay: float = 0.995               # EMA of the head's weights, used for sampling (0 = no EMA)
     steps: int = 4500                      # chosen on data seeds 1, 2 (docs/tuning_head_steps.json); 1,500 left
     #                                        the head weak at w = 1, so w = 3 was needed and cost fidelity
@@ -232,6 +235,7 @@ MAX_STEPS = 10_000_000                     # beyond any run this project is mean
 MAX_SIDE = 512                             # activations grow with the square of the side: 512 already needs GBs
 MAX_SAMPLES = 10_000_000
 GROUP_METHODS = ("class_topk", "class_margin", "class_label_topk", "official")
+HEAD_CONDITIONS = ("class", "class_group")   # what Phi of the guidance head reads (HeadConfig.condition)
 PROFILE_METHODS = ("class_margin", "class_label_topk")   # group methods that read the label profile
 FLAG = {"train.steps": "--steps", "head.steps": "--head-steps", "train.lr": "--lr", "head.lr": "--head-lr",
         "data.resolution": "--resolution", "data.num_samples": "--num-samples", "data.seed": "--data-seed",
@@ -284,6 +288,8 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.groups.method in PROFILE_METHODS and cfg.losses.profile_draws == 0:
         raise ValueError(f"groups.method {cfg.groups.method!r} reads the label profile: set losses.profile_draws "
                          f"above 0")
+    if cfg.head.condition not in HEAD_CONDITIONS:
+        raise ValueError(f"head.condition must be one of {', '.join(HEAD_CONDITIONS)}, got {cfg.head.condition!r}")
     if cfg.head.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"head.lr_schedule must be 'constant' or 'cosine', got {cfg.head.lr_schedule!r}")
     if cfg.eval.num_steps > T:

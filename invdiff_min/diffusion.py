@@ -95,7 +95,8 @@ def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], l
     x = torch.randn(shape, generator=generator).to(device)
     net = getattr(model, "base", model)          # a guided model checks through its base UNet
     if isinstance(net, UNet):                    # once, where images enter: the loop below stays unchecked
-        check_unet_inputs(net, x, scheduler.timesteps[0], labels)
+        check_unet_inputs(net, x, scheduler.timesteps[0], model.base_labels(torch.as_tensor(labels))
+                          if hasattr(model, "base_labels") and labels is not None else labels)
     if labels is not None:
         labels = labels.to(device)
         null = torch.full_like(labels, null_label) if null_label is not None else None

@@ -38,7 +38,7 @@ from .checkpoint import (fingerprint, list_checkpoints, load_checkpoint, load_un
 from .convert import (DIFFUSERS_FIXED, DIFFUSERS_TO_OURS, DOWN_BLOCKS, SCHEDULER_FIXED, UP_BLOCKS, check_input,
                       convert, diffusion_from_scheduler_config)
 from .errors import exit_on_error
-from .guidance import InvariantGuidance, load_head
+from .guidance import InvariantGuidance, class_of, load_head
 from .unet import UNet, UNetConfig
 
 EXPORT_FORMAT = "invdiff-min diffusers export"     # invdiff.json's "format": marks a folder --overwrite may replace
@@ -82,8 +82,13 @@ def head_as_unet(head: InvariantGuidance) -> tuple[UNetConfig, dict[str, torch.T
     """G_psi as one class-conditional UNet: net's config with num_classes, net's weights plus Phi as
     class_embedding. net adds cond_emb = Phi(y) to its time embedding exactly where a class-conditional UNet
     adds class_embedding(y), so both compute G_psi(x_t, t, y), the null label's row included."""
-    config = dataclasses.replace(head.net.config, num_classes=head.num_classes)
-    return config, {**head.net.state_dict(), "class_embedding.weight": head.phi.weight}
+    if head.phi_group is None:
+        config = dataclasses.replace(head.net.config, num_classes=head.num_classes)
+        return config, {**head.net.state_dict(), "class_embedding.weight": head.phi.weight}
+    # a head told the sub-group reads Phi(class of g) + Phi'(g): one table over its G sub-groups (+ null)
+    rows = class_of(torch.arange(head.num_groups + 1), head.group_class, head.num_classes)
+    config = dataclasses.replace(head.net.config, num_classes=head.num_groups)
+    return config, {**head.net.state_dict(), "class_embedding.weight": head.phi.weight[rows] + head.phi_group.weight}
 
 
 # ----- what a run holds ----------------------------------------------------------------------------------
@@ -136,7 +141,8 @@ def load_run(run: str | Path, weights: str = "ema", head: str = "invdiff", stren
     w = run_config.get("eval", {}).get("strength", 1.0) if strength is None else strength   # as sample.py does
     manifest.update(guidance_head="guidance_head", head=head, head_checkpoint=str(head_ckpt),
                     head_weights="ema", mode=trained_with["mode"], strength=float(w),
-                    mix_ratio=trained_with["mix_ratio"])
+                    mix_ratio=trained_with["mix_ratio"],
+                    head_groups=None if guidance.phi_group is None else guidance.group_class.tolist())
     return RunModels(base, config["diffusion"], guidance, manifest)
 
 
@@ -175,6 +181,14 @@ Written by `python -m invdiff_min.export` from `{source}` (base: {base_weights} 
 """
 LABELS = ("Labels: `class_labels` 0..{last} are the classes and {null} is the null label (the unconditional "
           "branch of classifier-free guidance); both models take them.\n")
+HEAD_ROW = ("| `guidance_head/` | the head G_psi(x_t, t, Phi(y)) (Phi is its class_embedding) | "
+            "`UNet2DModel.from_pretrained` |\n")
+HEAD_ROW_GROUPS = ("| `guidance_head/` | the head G_psi(x_t, t, Phi(y) + Phi'(g)), told the sub-group g (the two "
+                   "tables summed into its class_embedding) | `UNet2DModel.from_pretrained` |\n")
+LABELS_GROUPS = ("The head was trained told each sample's inferred sub-group (head.condition = class_group): its "
+                 "`class_labels` are the {g} sub-groups (`head_groups` in invdiff.json gives each one's class; {g} "
+                 "is its null label). Below, `eps_hat` takes sub-groups and the base reads their class; each image "
+                 "draws one of its class's sub-groups uniformly, as invdiff-min samples.\n")
 COMBINE = {
     "additive": "The two combine as InvDiff's guided noise prediction (w = 0 is the base alone; this run's w is "
                 "{strength}):\n\n    eps_hat(x_t, t, y) = eps_theta(x_t, t, y) + w * G_psi(x_t, t, y)   for a class y\n"
@@ -203,6 +217,25 @@ def eps_hat(x, t, y):                                # y (B,): classes 0..{last}
     on = (y != null).to(x.dtype).view(-1, 1, 1, 1)   # the head is silent on the null label
     g = head(x, t, class_labels=y).sample
 {combine_line}"""
+SNIPPET_HEAD_GROUPS = """
+head = UNet2DModel.from_pretrained(f"{{folder}}/guidance_head").eval()
+info = json.load(open(f"{{folder}}/invdiff.json"))
+w, null = info["strength"], info["null_label"]
+group_class = torch.tensor(info["head_groups"] + [null])     # the class of each sub-group; the head's null -> null
+
+
+@torch.no_grad()
+def eps_hat(x, t, sub):                              # sub (B,): sub-groups 0..{last_group}, or {null_group} (null)
+    y = group_class[sub]                             # the base reads their class
+    eps = unet(x, t, class_labels=y).sample
+    on = (y != null).to(x.dtype).view(-1, 1, 1, 1)   # the head is silent on the null label
+    g = head(x, t, class_labels=sub).sample
+{combine_line}
+
+
+def draw_groups(y, generator=None):                  # classes (B,) -> one of each class's sub-groups, uniformly
+    own = [(group_class[:-1] == c).nonzero().flatten() for c in y.tolist()]
+    return torch.stack([o[torch.randint(len(o), (), generator=generator)] for o in own])"""
 COMBINE_LINE = {"additive": "    return eps + w * on * g",
                 "mix": "    r = w * info[\"mix_ratio\"] * on\n    return r * g + (1 - r) * eps"}
 SNIPPET_BASE_ONLY = """
@@ -224,19 +257,24 @@ def readme_text(name: str, manifest: dict) -> str:
     m, head = manifest, manifest["guidance_head"] is not None
     k = m["num_classes"]
     fields = dict(name=name, last=None if k is None else k - 1, null=m["null_label"])
+    groups = head and m.get("head_groups") is not None          # a head told the sub-group
     snippet = SNIPPET_LOAD.format(**fields)
-    if head:
+    if groups:
+        snippet += SNIPPET_HEAD_GROUPS.format(**fields, combine_line=COMBINE_LINE[m["mode"]],
+                                              last_group=len(m["head_groups"]) - 1, null_group=len(m["head_groups"]))
+    elif head:
         snippet += SNIPPET_HEAD.format(**fields, combine_line=COMBINE_LINE[m["mode"]])
     else:
         snippet += SNIPPET_BASE_ONLY
-    snippet += SNIPPET_SAMPLE.format(labels="None" if k is None else f"torch.arange({k})",
+    labels = "None" if k is None else f"torch.arange({k})"
+    snippet += SNIPPET_SAMPLE.format(labels=f"draw_groups({labels})" if groups else labels,
                                      batch=4 if k is None else "len(y)")
     return README.format(
         name=name, source=m["source"], base_weights=m["base_weights"], snippet=snippet,
         head_note=f"; head: {m['head']}, its EMA weights" if head else "; no head",
-        head_row="| `guidance_head/` | the head G_psi(x_t, t, Phi(y)) (Phi is its class_embedding) | "
-                 "`UNet2DModel.from_pretrained` |\n" if head else "",
-        labels="" if k is None else LABELS.format(**fields),
+        head_row="" if not head else HEAD_ROW_GROUPS if groups else HEAD_ROW,
+        labels=("" if k is None else LABELS.format(**fields)) + (LABELS_GROUPS.format(
+            g=len(m["head_groups"])) if groups else ""),
         combine=COMBINE[m["mode"]].format(**m) if head else "No guidance head was exported (--head none).\n")
 
 

@@ -314,6 +314,16 @@ def uniform_groups(n: int) -> torch.Tensor:
     return torch.ones(n, 1)
 
 
+def condition_groups(weights: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sub-groups a head is told (head.condition = "class_group"): the (class, argmax group) pairs that hold
+    samples, numbered class-major, so every sub-group lies within one class whatever the grouping (the class
+    top-k groups and the hidden cells already do; a group spanning classes is split by class).
+    W (N, G) -> (each sample's sub-group (N,), each sub-group's class (G',))."""
+    pair = labels * weights.shape[1] + weights.argmax(1)                        # (N,) class-major pair code
+    codes, group_of = pair.unique(sorted=True, return_inverse=True)
+    return group_of, codes // weights.shape[1]
+
+
 def to_hard(weights: torch.Tensor) -> torch.Tensor:
     """One-hot argmax of each row."""
     return torch.nn.functional.one_hot(weights.argmax(1), weights.shape[1]).float()

@@ -12,6 +12,11 @@ w = 1 in training; at sampling w = 0 is exactly the base model and w > 1 extrapo
 Phi(y) is the head's own condition encoder (an embedding added to its time embedding). The head acts only on
 real class labels: for the null label (the unconditional branch of classifier-free guidance) it adds nothing.
 
+deviation (head.condition = "class_group", an option for attributes with K > 2 values): the head is also told the
+inferred sub-group g of the sample, G_psi(x_t, t, Phi(y) + Phi'(g)), and at sampling each sample draws one of its
+class's sub-groups uniformly, fixed over its chain. The guided model's labels are then sub-groups (the base reads
+their class), so training and sampling pass them where class labels go (docs/results/kvalued/rule_class_group.md).
+
 The official code's variant (`mode="mix"`): G is a full copy of the base UNet (initialised from it, output
 conv zeroed) mixed as eps_hat = r G + (1 - r) eps_theta, r = 0.5; here r = w * mix_ratio, so w = 0 is again
 the base model.
@@ -41,7 +46,7 @@ class InvariantGuidance(nn.Module):
     text embedding; here G_psi is ~21% of the base with its own Phi(y), as the paper describes (`copy_of` keeps
     the official variant)."""
 
-    def __init__(self, net_config: UNetConfig, num_classes: int):
+    def __init__(self, net_config: UNetConfig, num_classes: int, group_class: list[int] | None = None):
         super().__init__()
         self.net = UNet(net_config)
         self.num_classes = num_classes
@@ -49,24 +54,35 @@ class InvariantGuidance(nn.Module):
         self.phi = nn.Embedding(num_classes + 1, temb)          # Phi(y); row num_classes = null label
         nn.init.zeros_(self.net.conv_out.weight)                 # G_psi = 0 at initialisation
         nn.init.zeros_(self.net.conv_out.bias)
+        self.phi_group = None                                    # Phi'(g) (head.condition = "class_group")
+        if group_class is not None:
+            group_class = torch.as_tensor(group_class, dtype=torch.long)
+            if group_class.ndim != 1 or len(group_class) == 0 or not bool(((group_class >= 0)
+                                                                           & (group_class < num_classes)).all()):
+                raise ValueError(f"group_class must list the class (0..{num_classes - 1}) of each sub-group, got "
+                                 f"{group_class.tolist()}")
+            self.register_buffer("group_class", group_class)    # (G,): the class of each sub-group
+            self.phi_group = nn.Embedding(len(group_class) + 1, temb)    # row G: the null label
+            nn.init.zeros_(self.phi_group.weight)                # starts as the class-conditioned head
 
     @classmethod
-    def small(cls, base: UNetConfig, block_out_channels, layers_per_block, attention_levels, norm_num_groups):
+    def small(cls, base: UNetConfig, block_out_channels, layers_per_block, attention_levels, norm_num_groups,
+              group_class: list[int] | None = None):
         """A head shaped like the base (channels, resolution, schedule embedding) but much smaller."""
         cfg = UNetConfig(sample_size=base.sample_size, in_channels=base.in_channels, out_channels=base.out_channels,
                          block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
                          attention_levels=tuple(attention_levels), mid_attention=False,
                          norm_num_groups=norm_num_groups, norm_eps=base.norm_eps,
                          flip_sin_to_cos=base.flip_sin_to_cos, freq_shift=base.freq_shift, num_classes=None)
-        return cls(cfg, base.num_classes)
+        return cls(cfg, base.num_classes, group_class)
 
     @classmethod
-    def copy_of(cls, base: UNet):
+    def copy_of(cls, base: UNet, group_class: list[int] | None = None):
         """The official code's head: a full copy of the base UNet (weights included), output zeroed."""
         cfg = copy.deepcopy(base.config)
         num_classes = cfg.num_classes
         cfg.num_classes = None
-        head = cls(cfg, num_classes)
+        head = cls(cfg, num_classes, group_class)
         own = {k: v for k, v in base.state_dict().items() if not k.startswith("class_embedding")}
         missing = head.net.load_state_dict(own, strict=False)
         assert not missing.unexpected_keys
@@ -76,33 +92,87 @@ class InvariantGuidance(nn.Module):
             head.net.conv_out.bias.zero_()
         return head
 
+    @property
+    def num_groups(self) -> int:
+        """G, the sub-groups the head is told (0: a class-conditioned head)."""
+        return 0 if self.phi_group is None else len(self.group_class)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t, cond_emb=self.phi(y))
+        """y: class labels, or sub-group labels for a head told the sub-group (Phi(class of g) + Phi'(g))."""
+        if self.phi_group is None:
+            return self.net(x, t, cond_emb=self.phi(y))
+        return self.net(x, t, cond_emb=self.phi(class_of(y, self.group_class, self.num_classes)) + self.phi_group(y))
+
+
+def class_of(labels: torch.Tensor, group_class: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Sub-group labels (B,) -> their classes (B,); label G (the null) -> num_classes (the null)."""
+    return torch.cat([group_class, group_class.new_tensor([num_classes])])[labels]
+
+
+def draw_groups(y: torch.Tensor, group_class: torch.Tensor, num_classes: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class labels y (B,) -> one sub-group of each sample's class, uniformly (the null label -> G), (B,)."""
+    group_class = group_class.cpu()
+    out = torch.full_like(y, len(group_class))
+    for c in y.unique().tolist():
+        if c == num_classes:
+            continue
+        own = (group_class == c).nonzero().squeeze(1)
+        if len(own) == 0:
+            raise ValueError(f"class {c} has no sub-group in this head (its groups cover classes "
+                             f"{sorted(set(group_class.tolist()))}); sample the classes it was trained on")
+        rows = (y == c).nonzero().squeeze(1)
+        out[rows] = own[torch.randint(0, len(own), (len(rows),), generator=generator)]
+    return out
 
 
 class GuidedModel(nn.Module):
     """eps_hat(x, t, y) from a frozen base and a head (module docstring); `strength` is w."""
 
     def __init__(self, base: UNet, head: InvariantGuidance | None, strength: float = 1.0, mode: str = "additive",
-                 mix_ratio: float = 0.5):
+                 mix_ratio: float = 0.5, group_class: torch.Tensor | None = None):
         super().__init__()
         if mode not in ("additive", "mix"):
             raise ValueError(f"mode must be 'additive' (ours) or 'mix' (official code), got {mode!r}")
         self.base, self.head = base, head
         self.strength, self.mode, self.mix_ratio = float(strength), mode, float(mix_ratio)
         self.base.requires_grad_(False).eval()
+        # a head told the sub-group: this model's labels are sub-groups (G: the null); `group_class` is given when
+        # `head` is wrapped (DDP, torch.compile) and so does not show its own
+        if head is not None and group_class is None and getattr(head, "phi_group", None) is not None:
+            group_class = head.group_class
+        self.group_class = None if head is None else group_class
 
     @property
     def null_label(self):
-        return self.base.null_label
+        return self.base.null_label if self.group_class is None else len(self.group_class)
+
+    def labels_for(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The labels this model samples class labels y with: y itself, or one sub-group of each class drawn
+        uniformly (a head told the sub-group; deviation, module docstring)."""
+        if self.group_class is None:
+            return y
+        return draw_groups(y, self.group_class, self.base.config.num_classes, generator)
+
+    def base_labels(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """The class labels the base reads for this model's labels y: y itself, or the class of each sub-group."""
+        if self.group_class is None or y is None:
+            return y
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > len(self.group_class)):
+            raise ValueError(f"sub-group label out of range: got [{int(y.min())}, {int(y.max())}], valid are "
+                             f"0..{len(self.group_class) - 1} and {len(self.group_class)} (the null label); "
+                             f"draw them with labels_for(class labels)")
+        return class_of(y, self.group_class.to(y.device), self.base.config.num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        y_class = y if self.group_class is None or y is None else \
+            class_of(y, self.group_class.to(y.device), self.base.config.num_classes)   # checked once, in sample
         with torch.no_grad():                                 # the base only supplies eps_theta: no graph
-            eps = self.base(x, t, y)
+            eps = self.base(x, t, y_class)
         if self.head is None or self.strength == 0.0 or y is None:
             return eps
         eps, g = eps.float(), self.head(x, t, y).float()      # the sum in float32 (bf16 autocast: 8-bit mantissa)
-        cond = (y != self.base.null_label).to(g.dtype).view(-1, 1, 1, 1)   # no guidance on the null label
+        cond = (y_class != self.base.null_label).to(g.dtype).view(-1, 1, 1, 1)   # no guidance on the null label
         if self.mode == "additive":   # deviation (official: r G + (1 - r) eps_theta, r = 0.5): starts at the base
             return eps + self.strength * cond * g                         # eps_theta + w G_psi
         r = self.strength * self.mix_ratio * cond
@@ -200,7 +270,11 @@ def load_head(stage_dir, base: UNet, device="cpu") -> tuple[InvariantGuidance, d
         raise CheckpointError(f"the head in {ckpt} was trained on a different base model than the one loaded "
                               f"(fingerprint mismatch); use the base it was trained on: {state.get('base_checkpoint')}")
     net_cfg = UNetConfig.from_dict(state["head_net"])
-    head = InvariantGuidance(net_cfg, base.config.num_classes)
+    try:
+        head = InvariantGuidance(net_cfg, base.config.num_classes, state.get("head_groups"))   # G's classes
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'}: its head_groups do not fit this base ({e}); the checkpoint "
+                              f"is damaged or from another run: train the head again (--stage head)") from None
     # the EMA of the head's weights is what samples (older runs without one: the raw weights)
     name = "head_ema.safetensors" if (ckpt / "head_ema.safetensors").exists() else "head.safetensors"
     load_state_into(head, load_tensors(ckpt / name), f"{ckpt / name}")

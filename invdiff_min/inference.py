@@ -126,12 +126,17 @@ class InvDiffPipeline:
         side, channels = self.config.get("data", {}).get("resolution", self.base.config.sample_size), \
             self.base.config.in_channels
         model = self.model(strength)
+        # a head told the sub-group: one of each class's sub-groups per image, from a generator of its own (seeded
+        # one above `generator`'s seed), so the noise is the same as for the base or any other head
+        model_labels = model.labels_for(labels, None if generator is None else
+                                        torch.Generator().manual_seed(generator.initial_seed() + 1)) \
+            if self.num_classes else labels
         out = []
         for start in range(0, len(labels), batch_size):
-            y = labels[start:start + batch_size]
+            y = model_labels[start:start + batch_size]
             with amp.autocast(self.device, self.precision):
                 x = sample(model, scheduler, (len(y), channels, side, side), y if self.num_classes else None,
-                           steps, guidance_scale=guidance_scale, null_label=self.base.null_label, eta=eta,
+                           steps, guidance_scale=guidance_scale, null_label=model.null_label, eta=eta,
                            generator=generator, device=self.device)
             out.append(from_model_range(x).cpu())
         images = torch.cat(out) if out else torch.zeros(0, channels, side, side)

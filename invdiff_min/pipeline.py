@@ -30,8 +30,8 @@ from .config import PROFILE_METHODS, DiffusionConfig, RunConfig, fit_to_data
 from .data import BiasedDataset, DataSplits, from_model_range, to_model_range
 from .diffusion import denoising_loss, lr_at, make_sampler, sample, training_loss, update_ema
 from .evaluate import SampleSettings, make_judge, sample_and_judge
-from .groups import (auto_t_window, check_group_index, class_label_topk_groups, class_margin_groups,
-                     class_topk_groups, group_report, label_profile, loss_draws, normalize_by_t, official_groups,
+from .groups import (auto_t_window, check_group_index, class_label_topk_groups, class_margin_groups, class_topk_groups,
+                     condition_groups, group_report, label_profile, loss_draws, normalize_by_t, official_groups,
                      oracle_groups, per_sample_losses, uniform_groups)
 from .guidance import GroupBatchSampler, GuidedModel, InvariantGuidance, head_size, head_timesteps, invariant_loss
 from .guidance import load_head
@@ -349,13 +349,14 @@ def group_assignments(name: str, data: BiasedDataset, inferred: Groups | None = 
 
 
 # ----- C. the invariant guidance head ----------------------------------------------------------------------
-def build_head(cfg: RunConfig, base: UNet) -> InvariantGuidance:
-    """G_psi: a small UNet with its own Phi(y) (ours), or the official code's full copy of the base ("mix")."""
+def build_head(cfg: RunConfig, base: UNet, group_class: list[int] | None = None) -> InvariantGuidance:
+    """G_psi: a small UNet with its own Phi(y) (ours), or the official code's full copy of the base ("mix");
+    told the sub-group too (Phi'(g)) when `group_class` lists each sub-group's class."""
     head = cfg.head
     if head.mode == "mix":
-        return InvariantGuidance.copy_of(base)
+        return InvariantGuidance.copy_of(base, group_class)
     return InvariantGuidance.small(base.config, head.block_out_channels, head.layers_per_block, head.attention_levels,
-                                   head.norm_num_groups)
+                                   head.norm_num_groups, group_class)
 
 
 def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: torch.Tensor, device: torch.device,
@@ -365,8 +366,12 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     Returns (the EMA head in eval mode, the final checkpoint folder)."""
     settings, train = cfg.head, cfg.train                           # train: precision, layout and compile
     base_id = fingerprint(base.state_dict())
+    # head.condition = "class_group": the head is told each sample's sub-group, and its labels are sub-groups
+    group_of, group_class = condition_groups(assignments, data.labels) if settings.condition == "class_group" \
+        else (data.labels, None)
     torch.manual_seed(settings.seed)                                # the head's initial weights
-    head = build_head(cfg, base).to(device)
+    head_groups = None if group_class is None else group_class.tolist()     # each sub-group's class
+    head = build_head(cfg, base, head_groups).to(device)
     head_ema = copy.deepcopy(head).requires_grad_(False)    # samples; deviation: official samples raw weights
     opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, fused=device.type == "cuda")
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs()).to(device)
@@ -380,7 +385,8 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     scaler = amp.grad_scaler(device, train.precision)
     # under torchrun: DDP around the head (the base is frozen), which averages the head's gradients
     model = GuidedModel(base, amp.prepare(dist.data_parallel(head, device), train.channels_last, train.compile),
-                        strength=1.0, mode=settings.mode, mix_ratio=settings.mix_ratio)
+                        strength=1.0, mode=settings.mode, mix_ratio=settings.mix_ratio,
+                        group_class=None if group_class is None else head.group_class)
     if start < settings.steps:
         size = head_size(head, base)
         dist.print0(f"[{name}] head G_psi with {size.head:,} parameters ({size.ratio:.0%} of the base), "
@@ -391,7 +397,7 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
                             MetricsLog(stage_dir, start) if dist.is_main() else None, sync_every(device))
     images = data.images.to(device)                                  # once, not a copy per step (CUDA)
     state = {"config": cfg.to_dict(), "base_checkpoint": base_source, "base_fingerprint": base_id, "groups": name,
-             "head_net": head.net.config.to_dict()}
+             "head_net": head.net.config.to_dict(), "head_groups": head_groups}
     for step in recorder.bar:
         g = step_generator(settings.seed + 7, step)
         idx, slots = batches.sample(g)                               # the global batch, same on every rank
@@ -403,7 +409,7 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
         eps = torch.randn((n_draws, *data.images.shape[1:]), generator=g)[draw]
         rows = dist.my_slice(len(idx))                               # this rank's samples
         x0 = to_model_range(images[idx[rows].to(device)])
-        y, t, eps = data.labels[idx[rows]].to(device), t[rows].to(device), eps[rows].to(device)
+        y, t, eps = group_of[idx[rows]].to(device), t[rows].to(device), eps[rows].to(device)   # y: class or sub-group
         w = assignments[idx].to(device)                              # (B, G): the whole global batch
         for group in opt.param_groups:                               # (a resumed run may lower it: --head-lr)
             group["lr"] = head_lr(settings, step)

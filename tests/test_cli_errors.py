@@ -42,6 +42,7 @@ def test_existing_run_folder_is_never_overwritten_and_resume_needs_the_same_conf
     (["--set", "groups.method=class_margin", "--set", "losses.profile_draws=0"], ["losses.profile_draws above 0"]),
     (["--set", "groups.method=class_label_topk", "--set", "losses.profile_draws=0"],
      ["'class_label_topk' reads the label profile", "losses.profile_draws above 0"]),
+    (["--set", "head.condition=group"], ["head.condition must be one of class, class_group", "'group'"]),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], ["--device"]),
 ])
 def test_train_refuses_unknown_names(argv, messages, tmp_path):

@@ -56,21 +56,22 @@ def randomized(module, seed: int):
     return module.eval()
 
 
-def make_run(folder: Path, mode: str = "additive", seed: int = 0):
-    """A run folder as train.py leaves it: base/ (raw and EMA weights), invdiff/ (the head, its EMA) and
-    config.json. Returns (run, base EMA, base raw, head)."""
+def make_run(folder: Path, mode: str = "additive", seed: int = 0, group_class: list[int] | None = None):
+    """A run folder as train.py leaves it: base/ (raw and EMA weights), invdiff/ (the head, its EMA; told the
+    sub-group when `group_class` lists their classes) and config.json. Returns (run, base EMA, base raw, head)."""
     cfg = get_preset("tiny")
     cfg.unet, cfg.diffusion, cfg.eval.strength, cfg.head.mode = BASE, DIFFUSION, STRENGTH, mode
     ema, raw = randomized(UNet(BASE), seed), randomized(UNet(BASE), seed + 1)
     h = cfg.head
-    head = (InvariantGuidance.copy_of(ema) if mode == "mix" else
-            InvariantGuidance.small(BASE, h.block_out_channels, h.layers_per_block, (False, True), h.norm_num_groups))
+    head = (InvariantGuidance.copy_of(ema, group_class) if mode == "mix" else
+            InvariantGuidance.small(BASE, h.block_out_channels, h.layers_per_block, (False, True), h.norm_num_groups,
+                                    group_class))
     randomized(head, seed + 2)
     save_checkpoint(folder / "base", 30, {"model": raw.state_dict(), "ema": ema.state_dict()},
                     {"config": cfg.to_dict()})
     save_checkpoint(folder / "invdiff", 20, {"head": head.state_dict(), "head_ema": head.state_dict()},
                     {"config": cfg.to_dict(), "base_fingerprint": fingerprint(ema.state_dict()), "groups": "invdiff",
-                     "head_net": head.net.config.to_dict()})
+                     "head_net": head.net.config.to_dict(), "head_groups": group_class})
     write_json(folder / "config.json", {"config": cfg.to_dict()})
     return folder, ema, raw, head
 
@@ -182,6 +183,25 @@ def test_mix_mode_head_exports_with_the_official_combination(tmp_path, monkeypat
     assert max(diffs) < RTOL, diffs
 
 
+def test_a_head_told_the_sub_group_exports_and_the_readme_draws_sub_groups(tmp_path, monkeypatch):
+    """Phi(class of g) + Phi'(g) becomes the head's one class table over its sub-groups; the README's eps_hat takes
+    sub-group labels (the base reads their class) and equals GuidedModel; its sampling loop draws sub-groups."""
+    run, base, _, head = make_run(tmp_path / "run", seed=7, group_class=[0, 0, 1, 1, 1])
+    manifest, check = export_run(run, tmp_path / "groups")
+    assert manifest["head_groups"] == [0, 0, 1, 1, 1] and max(check.values()) <= 1e-6
+    ref = load_diffusers_unet(tmp_path / "groups" / "guidance_head")
+    names = readme_snippet(tmp_path / "groups", monkeypatch)
+    assert names["x"].isfinite().all() and set(names["y"].tolist()) <= {0, 1, 2, 3, 4}
+    assert names["draw_groups"](torch.tensor([1] * 50)).unique().tolist() == [2, 3, 4]
+    guided = GuidedModel(base, head, STRENGTH)
+    x, t, _ = inputs(4)
+    with torch.no_grad():
+        for g in (torch.tensor([0, 4]), torch.tensor([1, 5]), torch.tensor([5, 5])):     # 5: the head's null
+            assert relative_diff(head(x, t, g), ref(x, t, class_labels=g).sample) < RTOL
+            assert relative_diff(guided(x, t, g), names["eps_hat"](x, t, g)) < RTOL
+        assert relative_diff(head(x, t, torch.tensor([2, 3])), head(x, t, torch.tensor([3, 2]))) > 1e-3
+
+
 # ----- back in: export -> convert ------------------------------------------------------------------------
 def test_export_then_convert_gives_bit_identical_weights_config_and_schedule(exported):
     _, out, base, _, head, _, _ = exported
@@ -265,3 +285,22 @@ def test_command_line_exports_and_checks(exported, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "check: the folders read back match" in result.stdout
     assert (tmp_path / "cli" / "guidance_head" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("head_groups", [[0, 9], [[0, 1]], "0,1", [0, 0, 1]])
+def test_a_head_checkpoint_whose_sub_groups_do_not_fit_is_a_one_line_error(tmp_path, head_groups):
+    """head_groups in state.json that name no class of the base, or do not match the weights: refused, named."""
+    from invdiff_min.checkpoint import CheckpointError, list_checkpoints
+    from invdiff_min.guidance import load_head
+
+    run, base, _, _ = make_run(tmp_path / "run", group_class=[0, 0, 1, 1, 1])
+    state_file = list_checkpoints(run / "invdiff")[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    state["head_groups"] = head_groups
+    state.pop("state_sha256")                        # a deliberate edit (else the integrity check answers first)
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError) as e:
+        load_head(run / "invdiff", base)
+    message = str(e.value)                           # the classes are refused, a wrong count by the weights' shape
+    assert "\n" not in message and str(state_file.parent) in message
+    assert ("head_groups" in message) if head_groups != [0, 0, 1] else ("phi_group.weight" in message)

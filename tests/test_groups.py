@@ -228,3 +228,18 @@ def test_class_label_topk_gives_every_value_its_group_when_one_value_has_lower_l
     two = planted_losses()
     assert torch.equal(class_label_topk_groups(two[0], two[1], torch.randn(2000, 2), 0.05),
                        class_topk_groups(two[0], two[1], 2, 0.05))  # two classes: exactly the default groups
+
+
+def test_condition_groups_are_the_class_group_pairs_numbered_class_major():
+    """The sub-groups a head is told lie within one class: groups spanning classes are split by class, empty
+    pairs dropped, numbering class-major; the class top-k groups stay as they are."""
+    from invdiff_min.groups import condition_groups
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    w = torch.tensor([[1, 0, 0], [0, 0, 1], [0.2, 0.7, 0.1], [0.6, 0.4, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]])
+    group_of, group_class = condition_groups(w, labels)
+    # pairs: (0, 0) (0, 1) (0, 2) | (1, 0) (1, 2)
+    assert group_of.tolist() == [0, 2, 1, 3, 3, 4, 4] and group_class.tolist() == [0, 0, 0, 1, 1]
+    topk = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 2, 3, 3]), 4).float()
+    group_of, group_class = condition_groups(topk, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert group_of.tolist() == [0, 0, 1, 2, 3, 3] and group_class.tolist() == [0, 0, 1, 1]

@@ -116,3 +116,52 @@ def test_large_t_share_outside_zero_one_is_refused():
     cfg.head.large_t_share = 1.5
     with pytest.raises(ValueError, match=r"head.large_t_share must be a number in \[0, 1\]"):
         check_config(cfg)
+
+
+# ----- a head told the inferred sub-group (head.condition = "class_group") ---------------------------------
+def group_head(group_class=(0, 0, 1, 1, 1)):
+    cfg = get_preset("tiny")
+    h = cfg.head
+    return InvariantGuidance.small(cfg.unet, h.block_out_channels, h.layers_per_block, h.attention_levels,
+                                   h.norm_num_groups, list(group_class))
+
+
+def test_group_head_starts_as_the_class_head_and_its_base_reads_the_class():
+    """Phi'(g) starts at zero: the head told sub-group g computes the class head's G_psi(x, t, Phi(class of g));
+    in the guided model the base reads the class of each sub-group label, the null label G stays silent."""
+    base, _ = base_and_head()
+    head = group_head()
+    torch.nn.init.normal_(head.net.conv_out.weight, std=0.1)
+    class_head = InvariantGuidance(head.net.config, 2)
+    class_head.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith(("phi_group",
+                                                                                                   "group_class"))})
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([1, 200, 500, 999])
+    g, y = torch.tensor([0, 1, 2, 4]), torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        assert torch.equal(head(x, t, g), class_head(x, t, y))
+        guided = GuidedModel(base, head, 2.0)
+        assert guided.null_label == 5
+        assert torch.allclose(guided(x, t, g), base(x, t, y) + 2.0 * class_head(x, t, y), atol=1e-6)
+        null = torch.full((4,), 5)
+        assert torch.equal(guided(x, t, null), base(x, t, torch.full((4,), base.null_label)))
+        head.phi_group.weight.normal_()                       # once trained, sub-groups of a class differ
+        assert not torch.allclose(head(x, t, torch.tensor([2, 3, 4, 2])), head(x, t, torch.tensor([3, 4, 2, 2])))
+
+
+def test_group_head_draws_each_class_sub_groups_uniformly_and_reproducibly():
+    base, _ = base_and_head()
+    guided = GuidedModel(base, group_head(), 2.0)
+    y = torch.tensor([0] * 3000 + [1] * 3000 + [2])            # 2: the null label of a two-class base
+    g = guided.labels_for(y, torch.Generator().manual_seed(0))
+    assert torch.equal(g, guided.labels_for(y, torch.Generator().manual_seed(0)))
+    assert set(g[:3000].tolist()) == {0, 1} and set(g[3000:6000].tolist()) == {2, 3, 4} and g[-1] == 5
+    assert torch.bincount(g[3000:6000] - 2).float().div(3000).sub(1 / 3).abs().max() < 0.03
+    assert torch.equal(GuidedModel(base, None, 0.0).labels_for(y), y)      # the base alone: class labels
+    with pytest.raises(ValueError, match="class 1 has no sub-group"):
+        GuidedModel(base, group_head((0, 0)), 2.0).labels_for(torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("group_class", [(), (0, 2), (-1,), ((0, 1),)])
+def test_group_head_refuses_a_sub_group_without_a_class_of_the_base(group_class):
+    with pytest.raises(ValueError, match="group_class must list the class"):
+        group_head(group_class)
