@@ -85,6 +85,9 @@ def main() -> None:
             head, _ = load_head(folder, base, "cpu")
         except CheckpointError as e:
             raise SystemExit(f"error: --heads {folder}: {e}") from None
+        if head.phi_group is not None:
+            raise SystemExit(f"error: --heads {folder}: this head is told the sub-group (head.condition=class_group) "
+                             f"and has no per-class output to measure; pass class-conditioned heads")
         for w in args.strengths:
             models[f"{Path(folder).name} w={w:g}"] = GuidedModel(base, head, w, cfg.head.mode, cfg.head.mix_ratio)
 

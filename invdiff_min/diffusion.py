@@ -93,10 +93,15 @@ def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], l
         raise ValueError("classifier-free guidance (guidance_scale != 1) needs class labels and a null label")
     scheduler.set_timesteps(num_steps)
     x = torch.randn(shape, generator=generator).to(device)
+    if null_label is not None and getattr(model, "null_label", null_label) != null_label:
+        raise ValueError(f"null_label {null_label} is not this model's null label {model.null_label} (a head told "
+                         f"the sub-group has labels of its own): pass null_label=model.null_label")
     net = getattr(model, "base", model)          # a guided model checks through its base UNet
     if isinstance(net, UNet):                    # once, where images enter: the loop below stays unchecked
-        check_unet_inputs(net, x, scheduler.timesteps[0], model.base_labels(torch.as_tensor(labels))
-                          if hasattr(model, "base_labels") and labels is not None else labels)
+        base_labels = labels
+        if hasattr(model, "base_labels") and labels is not None:
+            base_labels = model.base_labels(torch.as_tensor(labels))     # a head told the sub-group: their class
+        check_unet_inputs(net, x, scheduler.timesteps[0], base_labels)
     if labels is not None:
         labels = labels.to(device)
         null = torch.full_like(labels, null_label) if null_label is not None else None

@@ -51,10 +51,9 @@ def generate(model, diffusion_kwargs: dict, n_per_class: int, num_classes: int, 
              precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [0, 1] (N, C, H, W), labels (N,)), class-major, deterministic given `seed`."""
     labels = torch.arange(num_classes).repeat_interleave(n_per_class)
-    # a head told the sub-group samples each image with one of its class's sub-groups (their own generator, so
-    # the noise is the same as for any other model at this seed)
-    model_labels = model.labels_for(labels, torch.Generator().manual_seed(seed + 1)) \
-        if hasattr(model, "labels_for") else labels
+    model_labels = labels
+    if hasattr(model, "labels_for"):     # a head told the sub-group: one of its class's sub-groups per image, from
+        model_labels = model.labels_for(labels, torch.Generator().manual_seed(seed + 1))   # its own generator
     scheduler = make_sampler(sampler, diffusion_kwargs).to(device)
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -38,7 +38,7 @@ from .checkpoint import (fingerprint, list_checkpoints, load_checkpoint, load_un
 from .convert import (DIFFUSERS_FIXED, DIFFUSERS_TO_OURS, DOWN_BLOCKS, SCHEDULER_FIXED, UP_BLOCKS, check_input,
                       convert, diffusion_from_scheduler_config)
 from .errors import exit_on_error
-from .guidance import InvariantGuidance, class_of, load_head
+from .guidance import InvariantGuidance, load_head
 from .unet import UNet, UNetConfig
 
 EXPORT_FORMAT = "invdiff-min diffusers export"     # invdiff.json's "format": marks a folder --overwrite may replace
@@ -86,9 +86,9 @@ def head_as_unet(head: InvariantGuidance) -> tuple[UNetConfig, dict[str, torch.T
         config = dataclasses.replace(head.net.config, num_classes=head.num_classes)
         return config, {**head.net.state_dict(), "class_embedding.weight": head.phi.weight}
     # a head told the sub-group reads Phi(class of g) + Phi'(g): one table over its G sub-groups (+ null)
-    rows = class_of(torch.arange(head.num_groups + 1), head.group_class, head.num_classes)
     config = dataclasses.replace(head.net.config, num_classes=head.num_groups)
-    return config, {**head.net.state_dict(), "class_embedding.weight": head.phi.weight[rows] + head.phi_group.weight}
+    return config, {**head.net.state_dict(),
+                    "class_embedding.weight": head.phi.weight[head.label_class] + head.phi_group.weight}
 
 
 # ----- what a run holds ----------------------------------------------------------------------------------
@@ -141,8 +141,9 @@ def load_run(run: str | Path, weights: str = "ema", head: str = "invdiff", stren
     w = run_config.get("eval", {}).get("strength", 1.0) if strength is None else strength   # as sample.py does
     manifest.update(guidance_head="guidance_head", head=head, head_checkpoint=str(head_ckpt),
                     head_weights="ema", mode=trained_with["mode"], strength=float(w),
-                    mix_ratio=trained_with["mix_ratio"],
-                    head_groups=None if guidance.phi_group is None else guidance.group_class.tolist())
+                    mix_ratio=trained_with["mix_ratio"])
+    if guidance.phi_group is not None:                      # a head told the sub-group: each sub-group's class
+        manifest["head_groups"] = guidance.group_class.tolist()
     return RunModels(base, config["diffusion"], guidance, manifest)
 
 
@@ -185,10 +186,21 @@ HEAD_ROW = ("| `guidance_head/` | the head G_psi(x_t, t, Phi(y)) (Phi is its cla
             "`UNet2DModel.from_pretrained` |\n")
 HEAD_ROW_GROUPS = ("| `guidance_head/` | the head G_psi(x_t, t, Phi(y) + Phi'(g)), told the sub-group g (the two "
                    "tables summed into its class_embedding) | `UNet2DModel.from_pretrained` |\n")
-LABELS_GROUPS = ("The head was trained told each sample's inferred sub-group (head.condition = class_group): its "
-                 "`class_labels` are the {g} sub-groups (`head_groups` in invdiff.json gives each one's class; {g} "
-                 "is its null label). Below, `eps_hat` takes sub-groups and the base reads their class; each image "
-                 "draws one of its class's sub-groups uniformly, as invdiff-min samples.\n")
+LABELS_GROUPS = ("Labels: the base's `class_labels` 0..{last} are the classes and {null} is the null label (the "
+                 "unconditional branch of classifier-free guidance). The head was trained told each sample's "
+                 "inferred sub-group (head.condition = class_group): its `class_labels` are the sub-groups "
+                 "0..{last_group} and {null_group} is its null label; `head_groups` in invdiff.json gives each "
+                 "sub-group's class. Each image draws one of its class's sub-groups uniformly, as invdiff-min "
+                 "samples (`draw_groups` below).\n")
+COMBINE_GROUPS = {
+    "additive": "The two combine as InvDiff's guided noise prediction (w = 0 is the base alone; this run's w is "
+                "{strength}):\n\n    eps_hat(x_t, t, g) = eps_theta(x_t, t, class(g)) + w * G_psi(x_t, t, g)   for "
+                "a sub-group g\n    eps_hat(x_t, t, null) = eps_theta(x_t, t, null)                          the head "
+                "is silent on null\n",
+    "mix": "The two combine as the official code's mix (w = 0 is the base alone; this run's w is {strength}):\n\n"
+           "    eps_hat(x_t, t, g) = r G_psi(x_t, t, g) + (1 - r) eps_theta(x_t, t, class(g)),  r = w * {mix_ratio} "
+           "for a sub-group g, r = 0 for null\n",
+}
 COMBINE = {
     "additive": "The two combine as InvDiff's guided noise prediction (w = 0 is the base alone; this run's w is "
                 "{strength}):\n\n    eps_hat(x_t, t, y) = eps_theta(x_t, t, y) + w * G_psi(x_t, t, y)   for a class y\n"
@@ -258,10 +270,11 @@ def readme_text(name: str, manifest: dict) -> str:
     k = m["num_classes"]
     fields = dict(name=name, last=None if k is None else k - 1, null=m["null_label"])
     groups = head and m.get("head_groups") is not None          # a head told the sub-group
+    if groups:
+        fields.update(last_group=len(m["head_groups"]) - 1, null_group=len(m["head_groups"]))
     snippet = SNIPPET_LOAD.format(**fields)
     if groups:
-        snippet += SNIPPET_HEAD_GROUPS.format(**fields, combine_line=COMBINE_LINE[m["mode"]],
-                                              last_group=len(m["head_groups"]) - 1, null_group=len(m["head_groups"]))
+        snippet += SNIPPET_HEAD_GROUPS.format(**fields, combine_line=COMBINE_LINE[m["mode"]])
     elif head:
         snippet += SNIPPET_HEAD.format(**fields, combine_line=COMBINE_LINE[m["mode"]])
     else:
@@ -273,9 +286,9 @@ def readme_text(name: str, manifest: dict) -> str:
         name=name, source=m["source"], base_weights=m["base_weights"], snippet=snippet,
         head_note=f"; head: {m['head']}, its EMA weights" if head else "; no head",
         head_row="" if not head else HEAD_ROW_GROUPS if groups else HEAD_ROW,
-        labels=("" if k is None else LABELS.format(**fields)) + (LABELS_GROUPS.format(
-            g=len(m["head_groups"])) if groups else ""),
-        combine=COMBINE[m["mode"]].format(**m) if head else "No guidance head was exported (--head none).\n")
+        labels="" if k is None else (LABELS_GROUPS if groups else LABELS).format(**fields),
+        combine=(COMBINE_GROUPS if groups else COMBINE)[m["mode"]].format(**m) if head else
+        "No guidance head was exported (--head none).\n")
 
 
 def is_export(folder: Path) -> bool:

@@ -57,11 +57,12 @@ class InvariantGuidance(nn.Module):
         self.phi_group = None                                    # Phi'(g) (head.condition = "class_group")
         if group_class is not None:
             group_class = torch.as_tensor(group_class, dtype=torch.long)
-            if group_class.ndim != 1 or len(group_class) == 0 or not bool(((group_class >= 0)
-                                                                           & (group_class < num_classes)).all()):
+            valid = (group_class >= 0) & (group_class < num_classes)
+            if group_class.ndim != 1 or len(group_class) == 0 or not bool(valid.all()):
                 raise ValueError(f"group_class must list the class (0..{num_classes - 1}) of each sub-group, got "
                                  f"{group_class.tolist()}")
             self.register_buffer("group_class", group_class)    # (G,): the class of each sub-group
+            self.register_buffer("label_class", label_classes(group_class, num_classes), persistent=False)
             self.phi_group = nn.Embedding(len(group_class) + 1, temb)    # row G: the null label
             nn.init.zeros_(self.phi_group.weight)                # starts as the class-conditioned head
 
@@ -101,12 +102,12 @@ class InvariantGuidance(nn.Module):
         """y: class labels, or sub-group labels for a head told the sub-group (Phi(class of g) + Phi'(g))."""
         if self.phi_group is None:
             return self.net(x, t, cond_emb=self.phi(y))
-        return self.net(x, t, cond_emb=self.phi(class_of(y, self.group_class, self.num_classes)) + self.phi_group(y))
+        return self.net(x, t, cond_emb=self.phi(self.label_class[y]) + self.phi_group(y))
 
 
-def class_of(labels: torch.Tensor, group_class: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Sub-group labels (B,) -> their classes (B,); label G (the null) -> num_classes (the null)."""
-    return torch.cat([group_class, group_class.new_tensor([num_classes])])[labels]
+def label_classes(group_class: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The class each sub-group label reads, (G + 1,): group_class, then the null label G -> num_classes."""
+    return torch.cat([group_class, group_class.new_tensor([num_classes])])
 
 
 def draw_groups(y: torch.Tensor, group_class: torch.Tensor, num_classes: int,
@@ -127,7 +128,8 @@ def draw_groups(y: torch.Tensor, group_class: torch.Tensor, num_classes: int,
 
 
 class GuidedModel(nn.Module):
-    """eps_hat(x, t, y) from a frozen base and a head (module docstring); `strength` is w."""
+    """eps_hat(x, t, y) from a frozen base and a head (module docstring); `strength` is w. With a head told the
+    sub-group, y are sub-group labels (`labels_for` draws them from class labels) and the base reads their class."""
 
     def __init__(self, base: UNet, head: InvariantGuidance | None, strength: float = 1.0, mode: str = "additive",
                  mix_ratio: float = 0.5, group_class: torch.Tensor | None = None):
@@ -137,36 +139,41 @@ class GuidedModel(nn.Module):
         self.base, self.head = base, head
         self.strength, self.mode, self.mix_ratio = float(strength), mode, float(mix_ratio)
         self.base.requires_grad_(False).eval()
-        # a head told the sub-group: this model's labels are sub-groups (G: the null); `group_class` is given when
-        # `head` is wrapped (DDP, torch.compile) and so does not show its own
+        # a head told the sub-group: this model's labels are sub-groups (G: the null), and label_class (G + 1,)
+        # gives the class the base reads for each; `group_class` is passed when `head` is wrapped (DDP, compile)
         if head is not None and group_class is None and getattr(head, "phi_group", None) is not None:
             group_class = head.group_class
         self.group_class = None if head is None else group_class
+        if self.group_class is not None:
+            self.register_buffer("label_class", label_classes(self.group_class, base.config.num_classes),
+                                 persistent=False)
 
     @property
     def null_label(self):
         return self.base.null_label if self.group_class is None else len(self.group_class)
 
     def labels_for(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The labels this model samples class labels y with: y itself, or one sub-group of each class drawn
-        uniformly (a head told the sub-group; deviation, module docstring)."""
+        """The labels class labels y are sampled with: y itself, or, for a head told the sub-group, one sub-group
+        of each sample's class drawn uniformly (deviation, module docstring); forward takes these labels."""
         if self.group_class is None:
             return y
         return draw_groups(y, self.group_class, self.base.config.num_classes, generator)
 
     def base_labels(self, y: torch.Tensor | None) -> torch.Tensor | None:
-        """The class labels the base reads for this model's labels y: y itself, or the class of each sub-group."""
+        """The class labels the base reads for this model's labels y (checked): y itself, or each sub-group's
+        class."""
         if self.group_class is None or y is None:
             return y
         if y.numel() and (int(y.min()) < 0 or int(y.max()) > len(self.group_class)):
             raise ValueError(f"sub-group label out of range: got [{int(y.min())}, {int(y.max())}], valid are "
                              f"0..{len(self.group_class) - 1} and {len(self.group_class)} (the null label); "
                              f"draw them with labels_for(class labels)")
-        return class_of(y, self.group_class.to(y.device), self.base.config.num_classes)
+        return self.label_class[y.to(self.label_class.device)]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        y_class = y if self.group_class is None or y is None else \
-            class_of(y, self.group_class.to(y.device), self.base.config.num_classes)   # checked once, in sample
+        y_class = y
+        if self.group_class is not None and y is not None:    # sub-group labels (checked once, in sample)
+            y_class = self.label_class[y]
         with torch.no_grad():                                 # the base only supplies eps_theta: no graph
             eps = self.base(x, t, y_class)
         if self.head is None or self.strength == 0.0 or y is None:

@@ -15,6 +15,7 @@ samples the way the run's summary was measured.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,8 @@ class InvDiffPipeline:
                    config=config, run_dir=run_dir, class_names=record.get("class_names"))
 
     def model(self, strength: float | None = None) -> GuidedModel:
-        """eps_theta + w G_psi as one callable (w = 0 or no head: the base model alone)."""
+        """eps_theta + w G_psi as one callable (w = 0 or no head: the base model alone). A head told the
+        sub-group takes sub-group labels: draw them with `.labels_for(class_labels, generator)`."""
         w = self.strength if strength is None else float(strength)
         return GuidedModel(self.base, self.head if w else None, w, self.mode, self.mix_ratio)
 
@@ -126,11 +128,9 @@ class InvDiffPipeline:
         side, channels = self.config.get("data", {}).get("resolution", self.base.config.sample_size), \
             self.base.config.in_channels
         model = self.model(strength)
-        # a head told the sub-group: one of each class's sub-groups per image, from a generator of its own (seeded
-        # one above `generator`'s seed), so the noise is the same as for the base or any other head
-        model_labels = model.labels_for(labels, None if generator is None else
-                                        torch.Generator().manual_seed(generator.initial_seed() + 1)) \
-            if self.num_classes else labels
+        model_labels = labels
+        if self.num_classes:             # a head told the sub-group: one of its class's sub-groups per image
+            model_labels = model.labels_for(labels, follower(generator))
         out = []
         for start in range(0, len(labels), batch_size):
             y = model_labels[start:start + batch_size]
@@ -161,6 +161,15 @@ class InvDiffPipeline:
             self._judge = make_judge(load_splits(cfg.data), self.run_dir / "judges", self.device,
                                      cfg.eval.judge_steps)
         return self._judge
+
+
+def follower(generator: torch.Generator | None) -> torch.Generator | None:
+    """A CPU generator seeded from `generator`'s current state, which it leaves as it is: draws made from it (the
+    sub-groups) change from call to call as `generator` is used, and leave its noise the same as for any model."""
+    if generator is None:
+        return None
+    digest = hashlib.sha256(generator.get_state().cpu().numpy().tobytes()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def convert_images(images: torch.Tensor, output_type: str):

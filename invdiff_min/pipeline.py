@@ -366,11 +366,13 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     Returns (the EMA head in eval mode, the final checkpoint folder)."""
     settings, train = cfg.head, cfg.train                           # train: precision, layout and compile
     base_id = fingerprint(base.state_dict())
-    # head.condition = "class_group": the head is told each sample's sub-group, and its labels are sub-groups
-    group_of, group_class = condition_groups(assignments, data.labels) if settings.condition == "class_group" \
-        else (data.labels, None)
+    labels, told = data.labels, {}                                  # what the head is told: the class,
+    if settings.condition == "class_group":                         # or each sample's sub-group (its labels)
+        labels, group_class = condition_groups(assignments, data.labels)
+        told = {"head_groups": group_class.tolist(),                # each sub-group's class, and who is in it
+                "head_group_members": fingerprint({"sub_group": labels})}
+    head_groups = told.get("head_groups")
     torch.manual_seed(settings.seed)                                # the head's initial weights
-    head_groups = None if group_class is None else group_class.tolist()     # each sub-group's class
     head = build_head(cfg, base, head_groups).to(device)
     head_ema = copy.deepcopy(head).requires_grad_(False)    # samples; deviation: official samples raw weights
     opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, fused=device.type == "cuda")
@@ -378,7 +380,9 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     batches = GroupBatchSampler(assignments, settings.batch_size, settings.batch_sampling)
     history = torch.zeros(settings.steps)
     modules = {"head": head, "head_ema": head_ema}
-    start, _ = resume_stage(stage_dir, modules, opt, history, expect={"base_fingerprint": base_id})
+    start, _ = resume_stage(stage_dir, modules, opt, history,
+                            expect={"base_fingerprint": base_id, "head_groups": head_groups,
+                                    "head_group_members": told.get("head_group_members")})
     name = stage_dir.name
     if 0 < start < settings.steps:
         dist.print0(f"[{name}] resuming at step {start}")
@@ -386,7 +390,7 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     # under torchrun: DDP around the head (the base is frozen), which averages the head's gradients
     model = GuidedModel(base, amp.prepare(dist.data_parallel(head, device), train.channels_last, train.compile),
                         strength=1.0, mode=settings.mode, mix_ratio=settings.mix_ratio,
-                        group_class=None if group_class is None else head.group_class)
+                        group_class=None if head_groups is None else head.group_class)
     if start < settings.steps:
         size = head_size(head, base)
         dist.print0(f"[{name}] head G_psi with {size.head:,} parameters ({size.ratio:.0%} of the base), "
@@ -397,7 +401,7 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
                             MetricsLog(stage_dir, start) if dist.is_main() else None, sync_every(device))
     images = data.images.to(device)                                  # once, not a copy per step (CUDA)
     state = {"config": cfg.to_dict(), "base_checkpoint": base_source, "base_fingerprint": base_id, "groups": name,
-             "head_net": head.net.config.to_dict(), "head_groups": head_groups}
+             "head_net": head.net.config.to_dict(), **told}
     for step in recorder.bar:
         g = step_generator(settings.seed + 7, step)
         idx, slots = batches.sample(g)                               # the global batch, same on every rank
@@ -409,7 +413,7 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
         eps = torch.randn((n_draws, *data.images.shape[1:]), generator=g)[draw]
         rows = dist.my_slice(len(idx))                               # this rank's samples
         x0 = to_model_range(images[idx[rows].to(device)])
-        y, t, eps = group_of[idx[rows]].to(device), t[rows].to(device), eps[rows].to(device)   # y: class or sub-group
+        y, t, eps = labels[idx[rows]].to(device), t[rows].to(device), eps[rows].to(device)   # y: class or sub-group
         w = assignments[idx].to(device)                              # (B, G): the whole global batch
         for group in opt.param_groups:                               # (a resumed run may lower it: --head-lr)
             group["lr"] = head_lr(settings, step)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import fails_with, run_script
 from invdiff_min import pipeline
-from invdiff_min.checkpoint import list_checkpoints, load_tensors, load_unet, save_tensors
+from invdiff_min.checkpoint import CheckpointError, list_checkpoints, load_tensors, load_unet, save_tensors
 from invdiff_min.config import RunConfig
 from invdiff_min.data import load_splits
 
@@ -109,14 +109,15 @@ def test_a_non_finite_loss_stops_training_keeps_the_last_good_checkpoint_and_res
     assert json.loads((out / "config.json").read_text())["config"]["train"]["lr"] == 0.0005
 
 
-def test_head_training_killed_during_a_checkpoint_write_resumes_to_the_same_weights(run, tmp_path):
+@pytest.mark.parametrize("condition", ["class", "class_group"])
+def test_head_training_killed_during_a_checkpoint_write_resumes_to_the_same_weights(run, tmp_path, condition):
     cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text())["config"])
-    cfg.head.steps, cfg.head.checkpoint_every = 9, 3
+    cfg.head.steps, cfg.head.checkpoint_every, cfg.head.condition = 9, 3, condition
     data = load_splits(cfg.data).train
     base, _, _ = load_unet(run)
     weights = pipeline.group_assignments("invdiff", data, pipeline.load_groups(run))
     cpu = torch.device("cpu")
-    _, full = pipeline.train_head(cfg, data, base, weights, cpu, run / "h_full", progress=False)
+    _, full = pipeline.train_head(cfg, data, base, weights, cpu, tmp_path / "h_full", progress=False)
     writes = []
 
     def crash(name):
@@ -124,12 +125,27 @@ def test_head_training_killed_during_a_checkpoint_write_resumes_to_the_same_weig
         if len(writes) == 4 + 2:                   # head checkpoints hold 4 files: die inside the second one
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        pipeline.train_head(cfg, data, base, weights, cpu, run / "h_cut", progress=False, fault_hook=crash)
-    assert [p.name for p in list_checkpoints(run / "h_cut")] == ["ckpt-0000003"]
-    _, resumed = pipeline.train_head(cfg, data, base, weights, cpu, run / "h_cut", progress=False)
+        pipeline.train_head(cfg, data, base, weights, cpu, tmp_path / "h_cut", progress=False, fault_hook=crash)
+    assert [p.name for p in list_checkpoints(tmp_path / "h_cut")] == ["ckpt-0000003"]
+    _, resumed = pipeline.train_head(cfg, data, base, weights, cpu, tmp_path / "h_cut", progress=False)
     for name in ("head", "head_ema", "optimizer", "history"):
         a, b = load_tensors(full / f"{name}.safetensors"), load_tensors(resumed / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_head_told_the_sub_group_does_not_resume_on_other_groups(run, tmp_path):
+    """Sub-group labels mean nothing under other groups (e.g. inferred again with --stage groups): refused."""
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text())["config"])
+    cfg.head.steps, cfg.head.checkpoint_every, cfg.head.condition = 2, 2, "class_group"
+    data = load_splits(cfg.data).train
+    base, _, _ = load_unet(run)
+    cpu = torch.device("cpu")
+    pipeline.train_head(cfg, data, base, pipeline.group_assignments("invdiff", data, pipeline.load_groups(run)), cpu,
+                        tmp_path / "h", progress=False)
+    cfg.head.steps = 4
+    with pytest.raises(CheckpointError, match="another head_group_members"):     # the same classes, other members
+        pipeline.train_head(cfg, data, base, pipeline.group_assignments("oracle", data), cpu, tmp_path / "h",
+                            progress=False)
 
 
 def test_same_seed_gives_bit_identical_checkpoints_and_samples_and_the_run_records_its_provenance(run, tmp_path):

@@ -183,17 +183,18 @@ def test_mix_mode_head_exports_with_the_official_combination(tmp_path, monkeypat
     assert max(diffs) < RTOL, diffs
 
 
-def test_a_head_told_the_sub_group_exports_and_the_readme_draws_sub_groups(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["additive", "mix"])
+def test_a_head_told_the_sub_group_exports_and_the_readme_draws_sub_groups(tmp_path, monkeypatch, mode):
     """Phi(class of g) + Phi'(g) becomes the head's one class table over its sub-groups; the README's eps_hat takes
     sub-group labels (the base reads their class) and equals GuidedModel; its sampling loop draws sub-groups."""
-    run, base, _, head = make_run(tmp_path / "run", seed=7, group_class=[0, 0, 1, 1, 1])
+    run, base, _, head = make_run(tmp_path / "run", mode, seed=7, group_class=[0, 0, 1, 1, 1])
     manifest, check = export_run(run, tmp_path / "groups")
     assert manifest["head_groups"] == [0, 0, 1, 1, 1] and max(check.values()) <= 1e-6
     ref = load_diffusers_unet(tmp_path / "groups" / "guidance_head")
     names = readme_snippet(tmp_path / "groups", monkeypatch)
     assert names["x"].isfinite().all() and set(names["y"].tolist()) <= {0, 1, 2, 3, 4}
     assert names["draw_groups"](torch.tensor([1] * 50)).unique().tolist() == [2, 3, 4]
-    guided = GuidedModel(base, head, STRENGTH)
+    guided = GuidedModel(base, head, STRENGTH, mode=mode)
     x, t, _ = inputs(4)
     with torch.no_grad():
         for g in (torch.tensor([0, 4]), torch.tensor([1, 5]), torch.tensor([5, 5])):     # 5: the head's null

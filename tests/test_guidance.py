@@ -165,3 +165,38 @@ def test_group_head_draws_each_class_sub_groups_uniformly_and_reproducibly():
 def test_group_head_refuses_a_sub_group_without_a_class_of_the_base(group_class):
     with pytest.raises(ValueError, match="group_class must list the class"):
         group_head(group_class)
+
+
+def test_a_group_head_at_zero_phi_prime_samples_the_class_head_images_with_and_without_cfg():
+    """Through `generate` (the evaluation's sampler), sub-groups drawn apart from the noise: a head told the
+    sub-group whose Phi' is still zero gives the class head's images exactly, at CFG scale 1 and 2 (null mapped)."""
+    from invdiff_min.config import DiffusionConfig
+    from invdiff_min.evaluate import generate
+
+    base, _ = base_and_head()
+    head = group_head()
+    torch.nn.init.normal_(head.net.conv_out.weight, std=0.1)
+    class_head = InvariantGuidance(head.net.config, 2)
+    class_head.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith(("phi_group",
+                                                                                                   "group_class"))})
+    how = dict(diffusion_kwargs=DiffusionConfig().scheduler_kwargs(), n_per_class=3, num_classes=2,
+               image_shape=(3, 16, 16), num_steps=3, seed=5)
+    for scale in (1.0, 2.0):
+        ours, labels = generate(GuidedModel(base, head, 2.0), guidance_scale=scale, **how)
+        ref, _ = generate(GuidedModel(base, class_head, 2.0), guidance_scale=scale, **how)
+        assert labels.tolist() == [0, 0, 0, 1, 1, 1] and torch.equal(ours, ref)
+    base_only, _ = generate(GuidedModel(base, None, 0.0), **how)
+    assert not torch.equal(ours, base_only)
+
+
+def test_the_api_draws_new_sub_groups_as_its_generator_is_used_and_leaves_the_noise_alone():
+    from invdiff_min.inference import follower
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([1] * 20)
+    guided = GuidedModel(base_and_head()[0], group_head(), 2.0)
+    first = guided.labels_for(y, follower(g))
+    state = g.get_state()
+    assert torch.equal(first, guided.labels_for(y, follower(g))) and torch.equal(g.get_state(), state)
+    torch.randn(3, generator=g)                                 # the noise of a call
+    assert not torch.equal(first, guided.labels_for(y, follower(g)))
