@@ -126,15 +126,21 @@ def group_head(group_class=(0, 0, 1, 1, 1)):
                                    h.norm_num_groups, list(group_class))
 
 
+def acting_group_head_and_its_class_head():
+    """A head told the sub-group with a non-zero output (Phi' still zero), and the class head of the same weights."""
+    head = group_head()
+    torch.nn.init.normal_(head.net.conv_out.weight, std=0.1)
+    class_head = InvariantGuidance(head.net.config, 2)
+    class_head.load_state_dict({k: v for k, v in head.state_dict().items()
+                                if not k.startswith(("phi_group", "group_class"))})
+    return head, class_head
+
+
 def test_group_head_starts_as_the_class_head_and_its_base_reads_the_class():
     """Phi'(g) starts at zero: the head told sub-group g computes the class head's G_psi(x, t, Phi(class of g));
     in the guided model the base reads the class of each sub-group label, the null label G stays silent."""
     base, _ = base_and_head()
-    head = group_head()
-    torch.nn.init.normal_(head.net.conv_out.weight, std=0.1)
-    class_head = InvariantGuidance(head.net.config, 2)
-    class_head.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith(("phi_group",
-                                                                                                   "group_class"))})
+    head, class_head = acting_group_head_and_its_class_head()
     x, t = torch.randn(4, 3, 16, 16), torch.tensor([1, 200, 500, 999])
     g, y = torch.tensor([0, 1, 2, 4]), torch.tensor([0, 0, 1, 1])
     with torch.no_grad():
@@ -174,11 +180,7 @@ def test_a_group_head_at_zero_phi_prime_samples_the_class_head_images_with_and_w
     from invdiff_min.evaluate import generate
 
     base, _ = base_and_head()
-    head = group_head()
-    torch.nn.init.normal_(head.net.conv_out.weight, std=0.1)
-    class_head = InvariantGuidance(head.net.config, 2)
-    class_head.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith(("phi_group",
-                                                                                                   "group_class"))})
+    head, class_head = acting_group_head_and_its_class_head()
     how = dict(diffusion_kwargs=DiffusionConfig().scheduler_kwargs(), n_per_class=3, num_classes=2,
                image_shape=(3, 16, 16), num_steps=3, seed=5)
     for scale in (1.0, 2.0):
