@@ -106,8 +106,8 @@ class HeadConfig:
     large_t_share: float = 0.0             # this share of the head's t draws from the upper half U{T/2..T-1}, the
     #                                        rest U{0..T-1} (0: the paper's uniform t, exactly)
     condition: str = "class"               # "class": G_psi(x, t, Phi(y)) (the paper); "class_group": Phi(y) +
-    #                                        Phi'(g) with g the sample's inferred sub-group, one drawn uniformly per
-    #                                        sample at sampling (guidance.py; an option for K > 2 values)
+    #                                        Phi'(g) with g the sample's inferred sub-group; at sampling each class's
+    #                                        sub-groups in equal numbers (guidance.py; an option for K > 2 values)
     ema_decay: float = 0.995               # EMA of the head's weights, used for sampling (0 = no EMA)
     steps: int = 4500                      # chosen on data seeds 1, 2 (docs/tuning_head_steps.json); 1,500 left
     #                                        the head weak at w = 1, so w = 3 was needed and cost fidelity

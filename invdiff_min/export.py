@@ -190,8 +190,8 @@ LABELS_GROUPS = ("Labels: the base's `class_labels` 0..{last} are the classes an
                  "unconditional branch of classifier-free guidance). The head was trained told each sample's "
                  "inferred sub-group (head.condition = class_group): its `class_labels` are the sub-groups "
                  "0..{last_group} and {null_group} is its null label; `head_groups` in invdiff.json gives each "
-                 "sub-group's class. Each image draws one of its class's sub-groups uniformly, as invdiff-min "
-                 "samples (`draw_groups` below).\n")
+                 "sub-group's class. The images of a class take its sub-groups in equal numbers, in random "
+                 "order, as invdiff-min samples (`draw_groups` below).\n")
 COMBINE_GROUPS = {
     "additive": "The two combine as InvDiff's guided noise prediction (w = 0 is the base alone; this run's w is "
                 "{strength}):\n\n    eps_hat(x_t, t, g) = eps_theta(x_t, t, class(g)) + w * G_psi(x_t, t, g)   for "
@@ -245,9 +245,12 @@ def eps_hat(x, t, sub):                              # sub (B,): sub-groups 0..{
 {combine_line}
 
 
-def draw_groups(y, generator=None):                  # classes (B,) -> one of each class's sub-groups, uniformly
-    own = [(group_class[:-1] == c).nonzero().flatten() for c in y.tolist()]
-    return torch.stack([o[torch.randint(len(o), (), generator=generator)] for o in own])"""
+def draw_groups(y, generator=None):                  # classes (B,) -> each class's sub-groups in equal numbers
+    out = torch.empty_like(y)
+    for c in y.unique().tolist():
+        own, rows = (group_class[:-1] == c).nonzero().flatten(), (y == c).nonzero().flatten()
+        out[rows] = own[torch.randperm(len(rows), generator=generator) % len(own)]
+    return out"""
 COMBINE_LINE = {"additive": "    return eps + w * on * g",
                 "mix": "    r = w * info[\"mix_ratio\"] * on\n    return r * g + (1 - r) * eps"}
 SNIPPET_BASE_ONLY = """

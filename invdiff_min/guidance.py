@@ -13,9 +13,11 @@ Phi(y) is the head's own condition encoder (an embedding added to its time embed
 real class labels: for the null label (the unconditional branch of classifier-free guidance) it adds nothing.
 
 deviation (head.condition = "class_group", an option for attributes with K > 2 values): the head is also told the
-inferred sub-group g of the sample, G_psi(x_t, t, Phi(y) + Phi'(g)), and at sampling each sample draws one of its
-class's sub-groups uniformly, fixed over its chain. The guided model's labels are then sub-groups (the base reads
-their class), so training and sampling pass them where class labels go (docs/results/kvalued/rule_class_group.md).
+inferred sub-group g of the sample, G_psi(x_t, t, Phi(y) + Phi'(g)), and at sampling each sample is given one of its
+class's sub-groups, fixed over its chain: the samples of a class in one call take its sub-groups in equal numbers
+(+-1), in random order (a stratified draw: independent draws add a share spread of about 0.03 at 200 per class).
+The guided model's labels are then sub-groups (the base reads their class), so training and sampling pass them where
+class labels go (docs/results/kvalued/rule_class_group.md).
 
 The official code's variant (`mode="mix"`): G is a full copy of the base UNet (initialised from it, output
 conv zeroed) mixed as eps_hat = r G + (1 - r) eps_theta, r = 0.5; here r = w * mix_ratio, so w = 0 is again
@@ -112,7 +114,8 @@ def label_classes(group_class: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def draw_groups(y: torch.Tensor, group_class: torch.Tensor, num_classes: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Class labels y (B,) -> one sub-group of each sample's class, uniformly (the null label -> G), (B,)."""
+    """Class labels y (B,) -> one sub-group of each sample's class (the null label -> G), (B,): the n samples of a
+    class take its sub-groups in equal numbers (+-1), in random order."""
     group_class = group_class.cpu()
     out = torch.full_like(y, len(group_class))
     for c in y.unique().tolist():
@@ -123,7 +126,7 @@ def draw_groups(y: torch.Tensor, group_class: torch.Tensor, num_classes: int,
             raise ValueError(f"class {c} has no sub-group in this head (its groups cover classes "
                              f"{sorted(set(group_class.tolist()))}); sample the classes it was trained on")
         rows = (y == c).nonzero().squeeze(1)
-        out[rows] = own[torch.randint(0, len(own), (len(rows),), generator=generator)]
+        out[rows] = own[torch.randperm(len(rows), generator=generator) % len(own)]      # stratified
     return out
 
 
@@ -154,7 +157,8 @@ class GuidedModel(nn.Module):
 
     def labels_for(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The labels class labels y are sampled with: y itself, or, for a head told the sub-group, one sub-group
-        of each sample's class drawn uniformly (deviation, module docstring); forward takes these labels."""
+        of each sample's class, each class's sub-groups in equal numbers (deviation, module docstring); forward takes
+        these labels."""
         if self.group_class is None:
             return y
         return draw_groups(y, self.group_class, self.base.config.num_classes, generator)
