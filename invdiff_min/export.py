@@ -245,10 +245,11 @@ def eps_hat(x, t, sub):                              # sub (B,): sub-groups 0..{
 {combine_line}
 
 
-def draw_groups(y, generator=None):                  # classes (B,) -> each class's sub-groups in equal numbers
-    out = torch.empty_like(y)
+def draw_groups(y, generator=None):                  # class labels (B,), no null -> each class's sub-groups in
+    out = torch.empty_like(y)                        # equal numbers (+-1, the extra ones at random), random order
     for c in y.unique().tolist():
         own, rows = (group_class[:-1] == c).nonzero().flatten(), (y == c).nonzero().flatten()
+        own = own[torch.randperm(len(own), generator=generator)]
         out[rows] = own[torch.randperm(len(rows), generator=generator) % len(own)]
     return out"""
 COMBINE_LINE = {"additive": "    return eps + w * on * g",

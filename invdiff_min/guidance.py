@@ -115,19 +115,21 @@ def label_classes(group_class: torch.Tensor, num_classes: int) -> torch.Tensor:
 def draw_groups(y: torch.Tensor, group_class: torch.Tensor, num_classes: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Class labels y (B,) -> one sub-group of each sample's class (the null label -> G), (B,): the n samples of a
-    class take its sub-groups in equal numbers (+-1), in random order."""
-    group_class = group_class.cpu()
-    out = torch.full_like(y, len(group_class))
-    for c in y.unique().tolist():
+    class take its sub-groups in equal numbers (+-1; the extra ones, and a lone sample's, at random), in random
+    order."""
+    group_class, labels = group_class.cpu(), y.cpu()
+    out = torch.full_like(labels, len(group_class))
+    for c in labels.unique().tolist():
         if c == num_classes:
             continue
         own = (group_class == c).nonzero().squeeze(1)
         if len(own) == 0:
             raise ValueError(f"class {c} has no sub-group in this head (its groups cover classes "
                              f"{sorted(set(group_class.tolist()))}); sample the classes it was trained on")
-        rows = (y == c).nonzero().squeeze(1)
+        own = own[torch.randperm(len(own), generator=generator)]         # which sub-groups get the extra ones
+        rows = (labels == c).nonzero().squeeze(1)
         out[rows] = own[torch.randperm(len(rows), generator=generator) % len(own)]      # stratified
-    return out
+    return out.to(y.device)
 
 
 class GuidedModel(nn.Module):

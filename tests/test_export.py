@@ -193,7 +193,10 @@ def test_a_head_told_the_sub_group_exports_and_the_readme_draws_sub_groups(tmp_p
     ref = load_diffusers_unet(tmp_path / "groups" / "guidance_head")
     names = readme_snippet(tmp_path / "groups", monkeypatch)
     assert names["x"].isfinite().all() and set(names["y"].tolist()) <= {0, 1, 2, 3, 4}
-    assert names["draw_groups"](torch.tensor([1] * 50)).unique().tolist() == [2, 3, 4]
+    assert torch.bincount(names["draw_groups"](torch.tensor([1] * 50))).tolist()[2:] in ([17, 17, 16], [17, 16, 17],
+                                                                                          [16, 17, 17])
+    lone = {int(names["draw_groups"](torch.tensor([1]), torch.Generator().manual_seed(s))) for s in range(40)}
+    assert lone == {2, 3, 4}                         # one image at a time reaches every sub-group
     guided = GuidedModel(base, head, STRENGTH, mode=mode)
     x, t, _ = inputs(4)
     with torch.no_grad():

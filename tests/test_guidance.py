@@ -163,6 +163,8 @@ def test_group_head_draws_each_class_sub_groups_in_equal_numbers_and_reproducibl
     assert set(g[y == 0].tolist()) == {0, 1} and set(g[y == 1].tolist()) == {2, 3, 4} and g[2] == 5
     assert torch.bincount(g[y == 0]).tolist() == [4, 3] and sorted(torch.bincount(g[y == 1] - 2).tolist()) == [2, 3, 3]
     assert not torch.equal(g, guided.labels_for(y, torch.Generator().manual_seed(1)))      # a random order
+    lone = [int(guided.labels_for(torch.tensor([1]), torch.Generator().manual_seed(s))) for s in range(40)]
+    assert set(lone) == {2, 3, 4}                     # one image at a time still reaches every sub-group
     assert torch.equal(GuidedModel(base, None, 0.0).labels_for(y), y)      # the base alone: class labels
     with pytest.raises(ValueError, match="class 1 has no sub-group"):
         GuidedModel(base, group_head((0, 0)), 2.0).labels_for(torch.tensor([0, 1]))
