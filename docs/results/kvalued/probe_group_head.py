@@ -8,9 +8,9 @@ COND=group (default): Phi(g) over the class_label_topk groups (K*K of them, grou
 COND=class_group: Phi(y) + Phi'(g), Phi' zero-initialised, so the head starts as the class-conditioned one and
 every class shares its own term. W_REST=1: the rest of each class sampled at strength 1, its sub-groups at w.
 SAME_DRAWS=1: each w samples with the same sub-group draws. STRATIFIED=1: each class's sub-groups drawn in
-equal numbers (a balanced list per class, shuffled, consumed chain by chain) instead of independently. Training as train_head (balanced batches, paired
-draws, L_e, AdamW, EMA, the run's head recipe); sampling draws one of the K groups of the requested class
-uniformly per sample, fixed over the chain."""
+equal numbers (a balanced list per class, shuffled, consumed chain by chain) instead of independently. Training as
+train_head (balanced batches, paired draws, L_e, AdamW, EMA, the run's head recipe); sampling gives each sample one of
+the K groups of the requested class (uniformly, or stratified), fixed over the chain."""
 import copy, json, os, sys, time
 from pathlib import Path
 
