@@ -96,6 +96,18 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     assert set(risks["models"]["base"]) == {"0,0", "0,1", "1,0", "1,1"}
     assert risks["models"]["oracle w=0"] == risks["models"]["base"]            # w = 0 is the base, same draws
     assert risks["models"]["oracle w=1"] != risks["models"]["base"]
+    # fidelity per (class, value) cell: every sample in one cell; w = 0 is the base, so its mix is its fidelity
+    r = run("benchmarks/cell_fidelity.py", "--run", str(out), "--heads", str(out / "oracle"), "--strength", "0",
+            "--n-per-class", "4", "--json", str(tmp_path / "cells.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cells = json.loads((tmp_path / "cells.json").read_text())
+    base, same = cells["models"]["base"], cells["models"][str(out / "oracle")]
+    assert [sum(row) for row in base["count"]] == [4, 4] and len(base["count"][0]) == 3        # K values + "?"
+    assert all(ok <= n for rows in zip(base["count"], base["correct"]) for n, ok in zip(*rows))
+    assert sum(map(sum, base["correct"])) / 8 == pytest.approx(base["fidelity"])
+    assert same["count"] == base["count"] and same["mix"] == pytest.approx(same["fidelity"])
+    r = run("benchmarks/cell_fidelity.py", "--run", str(out), "--heads", str(tmp_path / "nothing"))
+    assert r.returncode != 0 and "nothing" in r.stderr and "Traceback" not in r.stderr
     # a benchmark recipe needs a folder of its own
     r = run("benchmarks/debias.py", "--run", str(out), "--variants", "oracle", "--set", "head.lam=3")
     assert r.returncode != 0 and "--tag" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,119 @@
+"""Where fidelity is lost: the share of samples that read as their class, in each (class, attribute value) cell.
+
+    python benchmarks/cell_fidelity.py --run runs/k3 --heads runs/k3/bench/invdiff_label_topk_cg-s0 --strength 1.5
+    python benchmarks/cell_fidelity.py --run runs/k3 --heads H1 H2 --strength 1.5 --json cells.json
+
+Samples the base model and eps_theta + w G_psi of every head with the run's evaluation settings (the same noise
+as train.py's and debias.py's evaluation), reads the attribute and the class of every sample, and reports per
+cell (requested class y, attribute value b read from the image, "?" where it cannot be read) how many samples
+land there and what share of them reads as y. Then it asks how much of a head's change in fidelity comes from
+moving samples between cells: `mix` = sum over cells of (the head's share of samples in the cell) x (the base's
+fidelity in that cell), the fidelity the head would have if it only moved samples and drew every cell as well
+as the base does. fidelity - mix is what the head changed inside the cells. A benchmark: it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from invdiff_min import pipeline
+from invdiff_min.checkpoint import CheckpointError, load_unet, read_json
+from invdiff_min.config import RunConfig
+from invdiff_min.data import load_splits
+from invdiff_min.evaluate import make_judge, sample_and_judge
+from invdiff_min.guidance import load_head
+
+
+def cell_table(judge, images: torch.Tensor, labels: torch.Tensor, num_classes: int, num_values: int) -> dict:
+    """{"count": (C, K + 1), "correct": (C, K + 1)} lists; the last column holds the unreadable samples."""
+    b = judge.read_attribute(images).long()
+    b = torch.where(b >= 0, b, torch.full_like(b, num_values))           # -1 (unreadable) -> column K
+    ok = (judge.read_class(images).long() == labels).long()
+    cell = labels.long() * (num_values + 1) + b                          # (N,) flat (y, b) index
+    size = num_classes * (num_values + 1)
+    count = torch.bincount(cell, minlength=size).view(num_classes, num_values + 1)
+    correct = torch.bincount(cell, weights=ok.double(), minlength=size).view(num_classes, num_values + 1)
+    return {"count": count.tolist(), "correct": correct.long().tolist()}
+
+
+def mix_fidelity(base: dict, model: dict) -> tuple[float, float]:
+    """(sum over cells of the model's share x the base's fidelity there, share of the model's samples in cells
+    where the base has samples): the fidelity the model would have if it drew each cell as the base does."""
+    n_base, ok_base = torch.tensor(base["count"], dtype=torch.float64), torch.tensor(base["correct"],
+                                                                                     dtype=torch.float64)
+    n = torch.tensor(model["count"], dtype=torch.float64)
+    seen = n_base > 0
+    fid_base = torch.where(seen, ok_base / n_base.clamp(min=1), torch.zeros_like(n_base))
+    covered = float(n[seen].sum() / n.sum())
+    return float((n * fid_base).sum() / n[seen].sum()), covered
+
+
+def format_cells(name: str, table: dict, values: list[str]) -> list[str]:
+    rows = []
+    for y, (counts, oks) in enumerate(zip(table["count"], table["correct"])):
+        cells = [f"{ok / c:.2f} ({c})" if c else "- (0)" for c, ok in zip(counts, oks)]
+        fid = sum(oks) / max(sum(counts), 1)
+        rows.append(f"| {name} | {y} | {fid:.3f} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder made by train.py")
+    p.add_argument("--heads", nargs="*", default=[], help="head folders trained on the run's base")
+    p.add_argument("--strength", type=float, default=None, help="w of every head (default: the run's)")
+    p.add_argument("--n-per-class", type=int, default=None, help="default: the run's eval.n_per_class")
+    p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    if args.n_per_class is not None and args.n_per_class < 1:
+        raise SystemExit(f"error: --n-per-class must be at least 1, got {args.n_per_class}")
+    if args.strength is not None and not 0 <= args.strength <= 20:
+        raise SystemExit(f"error: --strength must be in [0, 20], got {args.strength}")
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.json").is_file():
+        raise SystemExit(f"error: {run_dir} has no config.json; pass a run folder made by train.py")
+    cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
+    device = torch.device(args.device)
+    base, _, _ = load_unet(run_dir, device)
+    splits = load_splits(cfg.data)
+    judge = make_judge(splits, run_dir / "judges", device, cfg.eval.judge_steps)
+    how = pipeline.sample_settings(cfg, device, n_per_class=args.n_per_class or cfg.eval.n_per_class)
+    w = cfg.eval.strength if args.strength is None else args.strength
+    c, k = cfg.unet.num_classes, judge.num_attributes
+    values = (judge.attribute_names or [str(v) for v in range(k)]) + ["?"]
+
+    models = {"base": (None, 0.0)}
+    for folder in args.heads:
+        try:
+            models[folder] = (load_head(Path(folder), base, device)[0], w)
+        except CheckpointError as e:
+            raise SystemExit(f"error: --heads {folder}: {e}") from None
+    report = {"run": str(run_dir), "strength": w, "values": values, "models": {}}
+    for name, (head, strength) in models.items():
+        images, labels, metrics = sample_and_judge(base, head, strength, judge, how, cfg.head.mode,
+                                                   cfg.head.mix_ratio)
+        table = cell_table(judge, images, labels, c, k)
+        table["fidelity"] = metrics["fidelity"]
+        if name != "base":
+            table["mix"], table["mix_covered"] = mix_fidelity(report["models"]["base"], table)
+        report["models"][name] = table
+        print(f"{name}: fidelity {metrics['fidelity']:.3f}" + (f", mix {table['mix']:.3f} "
+              f"(covering {table['mix_covered']:.0%} of its samples)" if "mix" in table else ""), flush=True)
+
+    lines = ["| model | class | fidelity | " + " | ".join(f"b = {v}: fidelity (n)" for v in values) + " |",
+             "|---|---|---|" + "---|" * len(values)]
+    for name, table in report["models"].items():
+        lines += format_cells(Path(name).name, table, values)
+    report["table"] = "\n".join(lines)
+    print(report["table"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
