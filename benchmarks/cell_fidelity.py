@@ -7,9 +7,12 @@ Samples the base model and eps_theta + w G_psi of every head with the run's eval
 as train.py's and debias.py's evaluation), reads the attribute and the class of every sample, and reports per
 cell (requested class y, attribute value b read from the image, "?" where it cannot be read) how many samples
 land there and what share of them reads as y. Then it asks how much of a head's change in fidelity comes from
-moving samples between cells: `mix` = sum over cells of (the head's share of samples in the cell) x (the base's
-fidelity in that cell), the fidelity the head would have if it only moved samples and drew every cell as well
-as the base does. fidelity - mix is what the head changed inside the cells. A benchmark: it asserts nothing.
+moving samples between cells, over the cells the base has samples in (the base's fidelity is unknown elsewhere):
+`mix` = sum over those cells of (the head's share of samples in the cell) x (the base's fidelity in that cell), the
+fidelity the head would have if it only moved samples and drew every cell as well as the base does, beside the
+head's own fidelity over the same cells. Their difference is what the head changed inside the cells; cells the base
+reaches with a handful of samples make `mix` rough (the table gives every cell's count). A benchmark: it asserts
+nothing.
 """
 from __future__ import annotations
 
@@ -39,16 +42,20 @@ def cell_table(judge, images: torch.Tensor, labels: torch.Tensor, num_classes: i
     return {"count": count.tolist(), "correct": correct.long().tolist()}
 
 
-def mix_fidelity(base: dict, model: dict) -> tuple[float, float]:
-    """(sum over cells of the model's share x the base's fidelity there, share of the model's samples in cells
-    where the base has samples): the fidelity the model would have if it drew each cell as the base does."""
-    n_base, ok_base = torch.tensor(base["count"], dtype=torch.float64), torch.tensor(base["correct"],
-                                                                                     dtype=torch.float64)
-    n = torch.tensor(model["count"], dtype=torch.float64)
+def mix_fidelity(base: dict, model: dict) -> dict:
+    """How much of the model's fidelity is where its samples went, over the cells the base has samples in (the
+    base's fidelity is unknown elsewhere): `mix` = sum over those cells of the model's share x the base's fidelity
+    there (the model's fidelity if it drew each cell as the base does), `fidelity_covered` = the model's own
+    fidelity over the same cells, `covered` = the share of the model's samples they hold. None where they hold none."""
+    n_base, ok_base = (torch.tensor(base[key], dtype=torch.float64) for key in ("count", "correct"))
+    n, ok = (torch.tensor(model[key], dtype=torch.float64) for key in ("count", "correct"))
     seen = n_base > 0
+    if n[seen].sum() == 0:
+        return {"mix": None, "fidelity_covered": None, "covered": 0.0}
     fid_base = torch.where(seen, ok_base / n_base.clamp(min=1), torch.zeros_like(n_base))
-    covered = float(n[seen].sum() / n.sum())
-    return float((n * fid_base).sum() / n[seen].sum()), covered
+    inside = n[seen].sum()
+    return {"mix": float((n * fid_base).sum() / inside), "fidelity_covered": float(ok[seen].sum() / inside),
+            "covered": float(inside / n.sum())}
 
 
 def format_cells(name: str, table: dict, values: list[str]) -> list[str]:
@@ -73,37 +80,47 @@ def main() -> None:
         raise SystemExit(f"error: --n-per-class must be at least 1, got {args.n_per_class}")
     if args.strength is not None and not 0 <= args.strength <= 20:
         raise SystemExit(f"error: --strength must be in [0, 20], got {args.strength}")
+    if args.json and not Path(args.json).parent.is_dir():
+        raise SystemExit(f"error: --json {args.json}: its folder does not exist; create it or pass another path")
+    if len(set(args.heads)) < len(args.heads) or "base" in args.heads:
+        raise SystemExit(f"error: --heads {' '.join(args.heads)}: each head folder once, and none named 'base'")
 
     run_dir = Path(args.run)
     if not (run_dir / "config.json").is_file():
         raise SystemExit(f"error: {run_dir} has no config.json; pass a run folder made by train.py")
-    cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
     device = torch.device(args.device)
-    base, _, _ = load_unet(run_dir, device)
-    splits = load_splits(cfg.data)
-    judge = make_judge(splits, run_dir / "judges", device, cfg.eval.judge_steps)
-    how = pipeline.sample_settings(cfg, device, n_per_class=args.n_per_class or cfg.eval.n_per_class)
-    w = cfg.eval.strength if args.strength is None else args.strength
-    c, k = cfg.unet.num_classes, judge.num_attributes
-    values = (judge.attribute_names or [str(v) for v in range(k)]) + ["?"]
-
+    try:
+        cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
+        base, _, _ = load_unet(run_dir, device)
+    except (CheckpointError, ValueError, TypeError, KeyError) as e:
+        raise SystemExit(f"error: {run_dir}: {e}") from None
     models = {"base": (None, 0.0)}
-    for folder in args.heads:
+    w = cfg.eval.strength if args.strength is None else args.strength
+    for folder in args.heads:                    # every head checked before the judge and the sampling
         try:
             models[folder] = (load_head(Path(folder), base, device)[0], w)
         except CheckpointError as e:
             raise SystemExit(f"error: --heads {folder}: {e}") from None
+    splits = load_splits(cfg.data)
+    judge = make_judge(splits, run_dir / "judges", device, cfg.eval.judge_steps)
+    how = pipeline.sample_settings(cfg, device, n_per_class=args.n_per_class or cfg.eval.n_per_class)
+    c, k = cfg.unet.num_classes, judge.num_attributes
+    values = (judge.attribute_names or [str(v) for v in range(k)]) + ["?"]
+
     report = {"run": str(run_dir), "strength": w, "values": values, "models": {}}
     for name, (head, strength) in models.items():
         images, labels, metrics = sample_and_judge(base, head, strength, judge, how, cfg.head.mode,
                                                    cfg.head.mix_ratio)
         table = cell_table(judge, images, labels, c, k)
         table["fidelity"] = metrics["fidelity"]
+        line = f"{name}: fidelity {metrics['fidelity']:.3f}"
         if name != "base":
-            table["mix"], table["mix_covered"] = mix_fidelity(report["models"]["base"], table)
+            table.update(mix_fidelity(report["models"]["base"], table))
+            if table["mix"] is not None:
+                line += (f"; in the cells the base reaches ({table['covered']:.0%} of its samples): fidelity "
+                         f"{table['fidelity_covered']:.3f}, mix {table['mix']:.3f}")
         report["models"][name] = table
-        print(f"{name}: fidelity {metrics['fidelity']:.3f}" + (f", mix {table['mix']:.3f} "
-              f"(covering {table['mix_covered']:.0%} of its samples)" if "mix" in table else ""), flush=True)
+        print(line, flush=True)
 
     lines = ["| model | class | fidelity | " + " | ".join(f"b = {v}: fidelity (n)" for v in values) + " |",
              "|---|---|---|" + "---|" * len(values)]

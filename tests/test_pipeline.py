@@ -96,18 +96,32 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     assert set(risks["models"]["base"]) == {"0,0", "0,1", "1,0", "1,1"}
     assert risks["models"]["oracle w=0"] == risks["models"]["base"]            # w = 0 is the base, same draws
     assert risks["models"]["oracle w=1"] != risks["models"]["base"]
-    # fidelity per (class, value) cell: every sample in one cell; w = 0 is the base, so its mix is its fidelity
-    r = run("benchmarks/cell_fidelity.py", "--run", str(out), "--heads", str(out / "oracle"), "--strength", "0",
-            "--n-per-class", "4", "--json", str(tmp_path / "cells.json"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    cells = json.loads((tmp_path / "cells.json").read_text())
-    base, same = cells["models"]["base"], cells["models"][str(out / "oracle")]
-    assert [sum(row) for row in base["count"]] == [4, 4] and len(base["count"][0]) == 3        # K values + "?"
-    assert all(ok <= n for rows in zip(base["count"], base["correct"]) for n, ok in zip(*rows))
-    assert sum(map(sum, base["correct"])) / 8 == pytest.approx(base["fidelity"])
+    # fidelity per (class, value) cell: every sample in one cell, and mix recomputed here from the two tables
+    def cell_fidelity(strength, name):
+        r = run("benchmarks/cell_fidelity.py", "--run", str(out), "--heads", str(out / "oracle"), "--strength",
+                strength, "--n-per-class", "4", "--json", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-3000:]
+        models = json.loads((tmp_path / name).read_text())["models"]
+        return models["base"], models[str(out / "oracle")]
+
+    base, head = cell_fidelity("1", "cells.json")
+    for table in (base, head):
+        assert [sum(row) for row in table["count"]] == [4, 4] and len(table["count"][0]) == 3   # K values + "?"
+        assert all(ok <= n for rows in zip(table["count"], table["correct"]) for n, ok in zip(*rows))
+        assert sum(map(sum, table["correct"])) / 8 == pytest.approx(table["fidelity"])
+    seen = [(y, b) for y in range(2) for b in range(3) if base["count"][y][b]]
+    inside = sum(head["count"][y][b] for y, b in seen)
+    if inside:
+        assert head["mix"] == pytest.approx(sum(head["count"][y][b] * base["correct"][y][b] / base["count"][y][b]
+                                                for y, b in seen) / inside)
+        assert head["fidelity_covered"] == pytest.approx(sum(head["correct"][y][b] for y, b in seen) / inside)
+    assert head["covered"] == pytest.approx(inside / 8)
+    base, same = cell_fidelity("0", "cells0.json")                 # w = 0 is the base: same cells, mix = fidelity
     assert same["count"] == base["count"] and same["mix"] == pytest.approx(same["fidelity"])
-    r = run("benchmarks/cell_fidelity.py", "--run", str(out), "--heads", str(tmp_path / "nothing"))
-    assert r.returncode != 0 and "nothing" in r.stderr and "Traceback" not in r.stderr
+    for bad, says in ((["--heads", str(tmp_path / "nothing")], "nothing"), (["--heads", "base"], "base"),
+                      (["--json", str(tmp_path / "no" / "cells.json")], "does not exist")):
+        r = run("benchmarks/cell_fidelity.py", "--run", str(out), *bad)
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr
     # a benchmark recipe needs a folder of its own
     r = run("benchmarks/debias.py", "--run", str(out), "--variants", "oracle", "--set", "head.lam=3")
     assert r.returncode != 0 and "--tag" in r.stderr and "Traceback" not in r.stderr
