@@ -4,6 +4,7 @@
     python benchmarks/debias.py --run runs/cpu --variants invdiff oracle --seeds 0 1 2 --json out.json
     python benchmarks/debias.py --merge a.json b.json --json all.json   # reports of parallel processes
     python benchmarks/debias.py --run runs/k4 --variants oracle --set head.lam=10 --tag _lam10  # another recipe
+    python benchmarks/debias.py --run runs/k4 --variants invdiff_label_topk --set groups.top_fraction=0.1 --tag _tf10
 
 Reads the run folder that `python train.py` made (base model, per-sample losses, groups) and trains one head
 per variant and head seed into RUN/bench/<variant>-s<seed>/ (train.py's own invdiff / oracle / uniform heads
@@ -57,6 +58,7 @@ VARIANTS = {  # name: (group source, batch sampling)
     "oracle_uniform": ("oracle", "uniform"),
     "uniform": ("uniform", "balanced"),
 }
+REGROUPED = ("unsplit", "margin", "label_topk")  # sources grouped here anew from the run's losses, by its cfg.groups
 
 
 def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> torch.Tensor:
@@ -144,7 +146,8 @@ def main() -> None:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale s of every model, base included (default: the run's)")
     p.add_argument("--set", action="append", default=[], metavar="head.FIELD=VALUE",
-                   help="train the heads with this head setting instead of the run's (repeatable; needs --tag)")
+                   help="train the heads with this head setting instead of the run's, or group with this groups "
+                        "setting (the variants grouped here only); repeatable; needs --tag")
     p.add_argument("--tag", default="", help="suffix of the head folders and model names of a --set recipe")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu")
@@ -167,9 +170,14 @@ def main() -> None:
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
     recipe = copy.deepcopy(cfg)
     if args.set:
-        if not args.tag or any(not item.startswith("head.") for item in args.set):
-            raise SystemExit("error: --set takes head.FIELD=VALUE settings only, and needs --tag NAME so that its "
-                             "heads get folders of their own")
+        if not args.tag or any(not item.startswith(("head.", "groups.")) for item in args.set):
+            raise SystemExit("error: --set takes head.FIELD=VALUE and groups.FIELD=VALUE settings only, and needs "
+                             "--tag NAME so that its heads get folders of their own")
+        fixed = [v for v in args.variants if VARIANTS[v][0] not in REGROUPED]
+        if fixed and any(item.startswith("groups.") for item in args.set):
+            raise SystemExit(f"error: --set groups.* changes only the groups made here from the run's losses "
+                             f"({', '.join(v for v in VARIANTS if VARIANTS[v][0] in REGROUPED)}); {', '.join(fixed)} "
+                             f"use saved, hidden or single groups: run them without groups.* settings")
         try:
             check_config(apply_overrides(recipe, args.set))
         except ValueError as e:
@@ -190,7 +198,7 @@ def main() -> None:
                     "head_steps": head_steps, "head_settings": args.set,
                     "losses": read_json(run_dir / "losses.json"),
                     "groups": {}, "models": {}}
-    groups = {name: variant_assignments(cfg, run_dir, VARIANTS[name][0], data) for name in args.variants}
+    groups = {name: variant_assignments(recipe, run_dir, VARIANTS[name][0], data) for name in args.variants}
     report["models"]["base"] = {"0.0": [sample_and_judge(base, None, 0.0, judge, how)[2]]}
     for name in args.variants:
         source, batching = VARIANTS[name]

@@ -125,6 +125,15 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     # a benchmark recipe needs a folder of its own
     r = run("benchmarks/debias.py", "--run", str(out), "--variants", "oracle", "--set", "head.lam=3")
     assert r.returncode != 0 and "--tag" in r.stderr and "Traceback" not in r.stderr
+    # groups.* settings regroup the variants grouped from the run's losses, and are refused for the others
+    r = run("benchmarks/debias.py", "--run", str(out), "--variants", "invdiff", "--set", "groups.top_fraction=0.3",
+            "--tag", "_tf")
+    assert r.returncode != 0 and "groups.*" in r.stderr and "Traceback" not in r.stderr
+    r = run("benchmarks/debias.py", "--run", str(out), "--variants", "invdiff_unsplit", "--strengths", "1", "--set",
+            "groups.top_fraction=0.3", "--tag", "_tf", "--json", str(tmp_path / "tf.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    sizes = json.loads((tmp_path / "tf.json").read_text())["groups"]["unsplit"]["sizes"]   # rest, high; per class
+    assert [sizes[1], sizes[3]] == [round(0.3 * (sizes[0] + sizes[1])), round(0.3 * (sizes[2] + sizes[3]))]
 
     # a second run of the same command refuses to clobber; --resume skips every finished stage
     r = run("train.py", "--preset", "tiny", "--out", str(out), "--compare", "--no-progress")
