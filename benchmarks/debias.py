@@ -58,7 +58,8 @@ VARIANTS = {  # name: (group source, batch sampling)
     "oracle_uniform": ("oracle", "uniform"),
     "uniform": ("uniform", "balanced"),
 }
-REGROUPED = ("unsplit", "margin", "label_topk")  # sources grouped here anew from the run's losses, by its cfg.groups
+REGROUPED = {"unsplit": {"top_fraction"}, "margin": {"min_subgroup"},  # sources grouped here anew from the run's
+             "label_topk": {"top_fraction"}}                           # losses, and the groups.* fields each reads
 
 
 def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> torch.Tensor:
@@ -173,11 +174,14 @@ def main() -> None:
         if not args.tag or any(not item.startswith(("head.", "groups.")) for item in args.set):
             raise SystemExit("error: --set takes head.FIELD=VALUE and groups.FIELD=VALUE settings only, and needs "
                              "--tag NAME so that its heads get folders of their own")
-        fixed = [v for v in args.variants if VARIANTS[v][0] not in REGROUPED]
-        if fixed and any(item.startswith("groups.") for item in args.set):
-            raise SystemExit(f"error: --set groups.* changes only the groups made here from the run's losses "
-                             f"({', '.join(v for v in VARIANTS if VARIANTS[v][0] in REGROUPED)}); {', '.join(fixed)} "
-                             f"use saved, hidden or single groups: run them without groups.* settings")
+        for field in (item.partition("=")[0].strip()[7:] for item in args.set if item.startswith("groups.")):
+            deaf = [v for v in args.variants if field not in REGROUPED.get(VARIANTS[v][0], ())]
+            if deaf:
+                readers = "; ".join(f"{v} reads {', '.join(sorted(REGROUPED[VARIANTS[v][0]]))}" for v in VARIANTS
+                                    if VARIANTS[v][0] in REGROUPED)
+                raise SystemExit(f"error: --set groups.{field}: {', '.join(deaf)} would ignore it. --set groups.* "
+                                 f"regroups only the variants grouped here from the run's losses ({readers}); run "
+                                 f"the others without it")
         try:
             check_config(apply_overrides(recipe, args.set))
         except ValueError as e:
