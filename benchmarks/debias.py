@@ -146,7 +146,7 @@ def main() -> None:
                    help="train every head to this many steps (default: the run's); shorter heads are continued")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale s of every model, base included (default: the run's)")
-    p.add_argument("--set", action="append", default=[], metavar="head.FIELD=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="train the heads with this head setting instead of the run's, or group with this groups "
                         "setting (the variants grouped here only); repeatable; needs --tag")
     p.add_argument("--tag", default="", help="suffix of the head folders and model names of a --set recipe")
@@ -174,7 +174,8 @@ def main() -> None:
         if not args.tag or any(not item.startswith(("head.", "groups.")) for item in args.set):
             raise SystemExit("error: --set takes head.FIELD=VALUE and groups.FIELD=VALUE settings only, and needs "
                              "--tag NAME so that its heads get folders of their own")
-        for field in (item.partition("=")[0].strip()[7:] for item in args.set if item.startswith("groups.")):
+        regrouping = [item.partition("=")[0].strip() for item in args.set if item.startswith("groups.")]
+        for field in (path.removeprefix("groups.") for path in regrouping):
             deaf = [v for v in args.variants if field not in REGROUPED.get(VARIANTS[v][0], ())]
             if deaf:
                 readers = "; ".join(f"{v} reads {', '.join(sorted(REGROUPED[VARIANTS[v][0]]))}" for v in VARIANTS
