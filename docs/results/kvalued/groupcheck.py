@@ -1,12 +1,11 @@
 """Rule 6 / 7 grouping check (tuning seeds only): the K > 2 sub-groups at several top fractions, and the hidden
 values of each sub-group's members (read for this check only).
 Usage: groupcheck.py RUN [class_label_topk | class_topk] TOP_FRACTION...   (default class_label_topk)"""
-import json
 import sys
 
 import torch
 
-from invdiff_min.checkpoint import load_tensors
+from invdiff_min.checkpoint import load_tensors, read_json
 from invdiff_min.config import RunConfig
 from invdiff_min.data import load_splits
 from invdiff_min.groups import class_label_topk_groups, class_topk_groups
@@ -14,7 +13,7 @@ from invdiff_min.groups import class_label_topk_groups, class_topk_groups
 torch.set_num_threads(1)
 run, args = sys.argv[1], sys.argv[2:]
 method = args.pop(0) if args and args[0] in ("class_label_topk", "class_topk") else "class_label_topk"
-cfg = RunConfig.from_dict(json.load(open(f"{run}/config.json"))["config"])
+cfg = RunConfig.from_dict(read_json(f"{run}/config.json")["config"])
 data = load_splits(cfg.data).train
 saved = load_tensors(f"{run}/losses.safetensors")
 loss, profile, y, b = saved["loss"], saved["profile"], data.labels, data.bias
