@@ -2,6 +2,7 @@
 
     python benchmarks/cell_fidelity.py --run runs/k3 --heads runs/k3/bench/invdiff_label_topk_cg-s0 --strength 1.5
     python benchmarks/cell_fidelity.py --run runs/k3 --heads H1 H2 --strength 1.5 --json cells.json
+    python benchmarks/cell_fidelity.py --run runs/k4 --heads runs/k4/invdiff --strength 0.75 --guidance-scale 2
 
 Samples the base model and eps_theta + w G_psi of every head with the run's evaluation settings (the same noise
 as train.py's and debias.py's evaluation), reads the attribute and the class of every sample, and reports per
@@ -73,6 +74,8 @@ def main() -> None:
     p.add_argument("--heads", nargs="*", default=[], help="head folders trained on the run's base")
     p.add_argument("--strength", type=float, default=None, help="w of every head (default: the run's)")
     p.add_argument("--n-per-class", type=int, default=None, help="default: the run's eval.n_per_class")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale s of every model, base included (default: the run's)")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
@@ -80,6 +83,9 @@ def main() -> None:
         raise SystemExit(f"error: --n-per-class must be at least 1, got {args.n_per_class}")
     if args.strength is not None and not 0 <= args.strength <= 20:
         raise SystemExit(f"error: --strength must be in [0, 20], got {args.strength}")
+    if args.guidance_scale is not None and not 0 <= args.guidance_scale <= 50:
+        raise SystemExit(f"error: --guidance-scale must be in [0, 50] (1 = plain conditional), got "
+                         f"{args.guidance_scale}")
     if args.json and not Path(args.json).parent.is_dir():
         raise SystemExit(f"error: --json {args.json}: its folder does not exist; create it or pass another path")
     if len(set(args.heads)) < len(args.heads) or "base" in args.heads:
@@ -103,11 +109,13 @@ def main() -> None:
             raise SystemExit(f"error: --heads {folder}: {e}") from None
     splits = load_splits(cfg.data)
     judge = make_judge(splits, run_dir / "judges", device, cfg.eval.judge_steps)
-    how = pipeline.sample_settings(cfg, device, n_per_class=args.n_per_class or cfg.eval.n_per_class)
+    scale = cfg.eval.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    how = pipeline.sample_settings(cfg, device, n_per_class=args.n_per_class or cfg.eval.n_per_class,
+                                   guidance_scale=scale)
     c, k = cfg.unet.num_classes, judge.num_attributes
     values = (judge.attribute_names or [str(v) for v in range(k)]) + ["?"]
 
-    report = {"run": str(run_dir), "strength": w, "values": values, "models": {}}
+    report = {"run": str(run_dir), "strength": w, "guidance_scale": scale, "values": values, "models": {}}
     for name, (head, strength) in models.items():
         images, labels, metrics = sample_and_judge(base, head, strength, judge, how, cfg.head.mode,
                                                    cfg.head.mix_ratio)

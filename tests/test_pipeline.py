@@ -97,9 +97,9 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     assert risks["models"]["oracle w=0"] == risks["models"]["base"]            # w = 0 is the base, same draws
     assert risks["models"]["oracle w=1"] != risks["models"]["base"]
     # fidelity per (class, value) cell: every sample in one cell, and mix recomputed here from the two tables
-    def cell_fidelity(strength, name):
+    def cell_fidelity(strength, name, *extra):
         r = run("benchmarks/cell_fidelity.py", "--run", str(out), "--heads", str(out / "oracle"), "--strength",
-                strength, "--n-per-class", "4", "--json", str(tmp_path / name))
+                strength, "--n-per-class", "4", "--json", str(tmp_path / name), *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         models = json.loads((tmp_path / name).read_text())["models"]
         return models["base"], models[str(out / "oracle")]
@@ -118,8 +118,12 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     assert head["covered"] == pytest.approx(inside / 8)
     base, same = cell_fidelity("0", "cells0.json")                 # w = 0 is the base: same cells, mix = fidelity
     assert same["count"] == base["count"] and same["mix"] == pytest.approx(same["fidelity"])
+    base, same = cell_fidelity("0", "cells_cfg.json", "--guidance-scale", "2")   # CFG on the class, base included
+    assert same["count"] == base["count"]
+    assert json.loads((tmp_path / "cells_cfg.json").read_text())["guidance_scale"] == 2
     for bad, says in ((["--heads", str(tmp_path / "nothing")], "nothing"), (["--heads", "base"], "base"),
-                      (["--json", str(tmp_path / "no" / "cells.json")], "does not exist")):
+                      (["--json", str(tmp_path / "no" / "cells.json")], "does not exist"),
+                      (["--guidance-scale", "-1"], "--guidance-scale")):
         r = run("benchmarks/cell_fidelity.py", "--run", str(out), *bad)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr
     # a benchmark recipe needs a folder of its own
