@@ -8,17 +8,21 @@ For each S:T_CFG, samples the run's base with HEAD at strength W (the run's eval
     eps = eps(x_t, t, y) + W G_psi(x_t, t, .) + (S - 1) (eps(x_t, t, y) - eps(x_t, t, null))   for t < T_CFG
     eps = eps(x_t, t, y) + W G_psi(x_t, t, .)                                                  for t >= T_CFG
 
-and judges it; also the base alone at S:T_CFG. The library's CFG (`sample(..., guidance_scale=S)`) puts the head
-inside the conditional branch, eps(null) + S (eps(y) + W G - eps(null)), so it scales the head's push by S; with
-T_CFG = 1000 this probe equals the library at strength W / S. The head is told each sample's sub-group on both
-branches (the one `labels_for` drew), so the class guidance compares the same guided state with and without the
-class; at t >= T_CFG the null branch is replaced by the conditional one (eps_u = eps_c: no class guidance)."""
+and judges it; also the base alone at S:T_CFG. Each arm's entry in OUT.json holds, beside the metrics, its samples'
+counts and class-read counts per (class, attribute value) cell (`cells`: `benchmarks/cell_fidelity.py`'s table).
+
+The library's CFG (`sample(..., guidance_scale=S)`) puts the head inside the conditional branch, eps(null) + S (eps(y)
++ W G - eps(null)), so it scales the head's push by S; with T_CFG = 1000 this probe equals the library at strength
+W / S. The head is told each sample's sub-group on both branches (the one `labels_for` drew), so the class guidance
+compares the same guided state with and without the class; at t >= T_CFG the null branch is replaced by the
+conditional one (eps_u = eps_c: no class guidance)."""
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.cell_fidelity import cell_table
 from invdiff_min import pipeline
 from invdiff_min.checkpoint import load_unet, read_json
 from invdiff_min.config import RunConfig
@@ -64,7 +68,8 @@ for s, t_cfg in arms:
         images, labels = generate(model, **vars(how))
         m = judge(images, labels)
         gap = max(abs(v - 1 / judge.num_attributes) for row in m["attribute_share"] for v in row)
-        report["arms"][f"{name} s={s} t_cfg={t_cfg}"] = {**m, "largest_gap": gap}
+        cells = cell_table(judge, images, labels, judge.num_classes, judge.num_attributes)
+        report["arms"][f"{name} s={s} t_cfg={t_cfg}"] = {**m, "largest_gap": gap, "cells": cells}
         print(f"{name} s={s} t_cfg={t_cfg}: Bias {m['bias']:.3f} gap {gap:.3f} fidelity {m['fidelity']:.3f} "
               f"unreadable {m['unreadable_attribute']} shares "
               + ", ".join("/".join(f"{v:.2f}" for v in row) for row in m["attribute_share"]), flush=True)
