@@ -32,7 +32,7 @@ from invdiff_min.guidance import GuidedModel, load_head
 
 
 class IntervalCFG(GuidedModel):
-    """The guided model as `sample` calls it under CFG: rows [y; null] of one batch, (2n, ...)."""
+    """The guided model as `sample` calls it under CFG: rows [y; null] of one batch, (2n, ...); additive mode only."""
 
     def __init__(self, base, head, strength, t_cfg):
         super().__init__(base, head, strength)
