@@ -42,7 +42,8 @@ def check_arguments(args) -> None:
             raise ValueError(f"{flag} must be an integer in [1, {hi:,}], got {value}")
     for flag, value, lo, hi, why in (
             ("--strength", 1.0 if args.strength is None else args.strength, 0.0, 20.0, "0 = base model"),
-            ("--guidance-scale", args.guidance_scale, 0.0, 50.0, "1 = plain conditional, 0 = unconditional"),
+            ("--guidance-scale", 1.0 if args.guidance_scale is None else args.guidance_scale, 0.0, 50.0,
+             "1 = plain conditional, 0 = unconditional"),
             ("--eta", args.eta, 0.0, 1.0, "0 = deterministic DDIM, 1 = DDPM-like")):
         if not (math.isfinite(value) and lo <= value <= hi):
             raise ValueError(f"{flag} must be a number in [{lo:g}, {hi:g}] ({why}), got {value}")
@@ -68,8 +69,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help="number of sampling steps (any 1..T); default: the run's evaluation steps (50 outside a run)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 stronger")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 stronger; "
+                        "default: the run's eval.guidance_scale (1 outside a run)")
+    p.add_argument("--guidance-t-max", type=int, default=None,
+                   help="class guidance only at timesteps t below this (a guidance interval); default: the run's "
+                        "eval.guidance_t_max (every t)")
+    p.add_argument("--head-outside-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the head's push w G_psi outside the class guidance instead of inside its conditional "
+                        "branch; default: the run's eval.head_outside_cfg (off)")
     p.add_argument("--strength", type=float, default=None,
                    help="InvDiff guidance strength w (0 = base model); default: the run's eval.strength, the w its "
                         "summary reports (it goes with the run's sampler and steps)")
@@ -101,9 +109,19 @@ def sample_run(args) -> int:
     # samples the way RUN's summary was measured
     args.sampler = args.sampler or pipe.sampler
     args.steps = pipe.num_inference_steps if args.steps is None else args.steps
+    args.guidance_scale = pipe.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    args.guidance_t_max = pipe.guidance_t_max if args.guidance_t_max is None else args.guidance_t_max
+    if args.head_outside_cfg is not None:
+        pipe.head_outside_cfg = args.head_outside_cfg
     T = pipe.diffusion["num_train_timesteps"]
     if not 1 <= args.steps <= T:
         raise ValueError(f"--steps must be in [1, {T}], got {args.steps}")
+    if args.guidance_t_max is not None and not 0 <= args.guidance_t_max <= T:
+        raise ValueError(f"--guidance-t-max must be a timestep in [0, {T}] (class guidance at t below it), got "
+                         f"{args.guidance_t_max}")
+    if pipe.head_outside_cfg and pipe.mode != "additive":
+        raise ValueError(f"--head-outside-cfg needs a head in 'additive' mode; {args.ckpt}'s head is {pipe.mode!r}: "
+                         f"pass --no-head-outside-cfg")
     strength = (pipe.strength if args.strength is None else args.strength) if pipe.head is not None else 0.0
     head_note = f"head {args.head} at strength w = {strength}" if pipe.head is not None else "base model only"
     k = pipe.num_classes
@@ -114,7 +132,8 @@ def sample_run(args) -> int:
     def draw(w: float):
         labels = torch.arange(k).repeat_interleave(args.n_per_class) if k else None
         out = pipe(class_labels=labels, num_images=None if k else args.n_per_class, strength=w,
-                   guidance_scale=args.guidance_scale, sampler=args.sampler, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance_scale, guidance_t_max=args.guidance_t_max, sampler=args.sampler,
+                   num_inference_steps=args.steps,
                    eta=args.eta, generator=torch.Generator().manual_seed(args.seed), batch_size=args.batch_size)
         return out.images, out.labels
 
@@ -123,7 +142,8 @@ def sample_run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "samples.safetensors", {"images": images, "labels": labels},
                  {"checkpoint": str(args.ckpt), "head": head_note, "sampler": f"{args.sampler}-{args.steps}",
-                  "guidance_scale": args.guidance_scale, "seed": args.seed})
+                  "guidance_scale": args.guidance_scale, "guidance_t_max": args.guidance_t_max,
+                  "head_outside_cfg": pipe.head_outside_cfg, "seed": args.seed})
     nrow = min(args.n_per_class, 16)
     pick = torch.cat([torch.arange(nrow) + c * args.n_per_class for c in range(max(1, k))])
     save_grid(out / "grid.png", images[pick], nrow=nrow,
@@ -153,7 +173,8 @@ def evaluate_samples(pipe, draw, strength, images, labels, args, head_note: str,
     sweep = {w: pipe.evaluate(*by_w[w]) for w in sorted(by_w)}
     judge = pipe.judge()
     metrics = {**sweep[strength], "judged_by": judge.how, "model": head_note, "strength": strength,
-               "sampler": f"{args.sampler}-{args.steps}", "guidance_scale": args.guidance_scale, "seed": args.seed,
+               "sampler": f"{args.sampler}-{args.steps}", "guidance_scale": args.guidance_scale,
+               "guidance_t_max": args.guidance_t_max, "head_outside_cfg": pipe.head_outside_cfg, "seed": args.seed,
                "base": sweep[0.0], "sweep": {str(w): r for w, r in sweep.items()}}
     write_json(out / "metrics.json", metrics)
     names = judge.class_names or [str(c) for c in range(judge.num_classes)]

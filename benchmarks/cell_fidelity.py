@@ -25,7 +25,7 @@ import torch
 
 from invdiff_min import pipeline
 from invdiff_min.checkpoint import CheckpointError, load_unet, read_json
-from invdiff_min.config import RunConfig
+from invdiff_min.config import RunConfig, apply_overrides, check_config, eval_overrides
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
 from invdiff_min.guidance import load_head
@@ -76,6 +76,10 @@ def main() -> None:
     p.add_argument("--n-per-class", type=int, default=None, help="default: the run's eval.n_per_class")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale s of every model, base included (default: the run's)")
+    p.add_argument("--guidance-t-max", type=int, default=None,
+                   help="class guidance only at t below this, every model (default: the run's eval.guidance_t_max)")
+    p.add_argument("--head-outside-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="the heads' push outside the class guidance (default: the run's eval.head_outside_cfg)")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
@@ -83,9 +87,6 @@ def main() -> None:
         raise SystemExit(f"error: --n-per-class must be at least 1, got {args.n_per_class}")
     if args.strength is not None and not 0 <= args.strength <= 20:
         raise SystemExit(f"error: --strength must be in [0, 20], got {args.strength}")
-    if args.guidance_scale is not None and not 0 <= args.guidance_scale <= 50:
-        raise SystemExit(f"error: --guidance-scale must be in [0, 50] (1 = plain conditional), got "
-                         f"{args.guidance_scale}")
     if args.json and not Path(args.json).parent.is_dir():
         raise SystemExit(f"error: --json {args.json}: its folder does not exist; create it or pass another path")
     if len(set(args.heads)) < len(args.heads) or "base" in args.heads:
@@ -97,6 +98,14 @@ def main() -> None:
     device = torch.device(args.device)
     try:
         cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
+    except (CheckpointError, ValueError, TypeError, KeyError) as e:
+        raise SystemExit(f"error: {run_dir}: {e}") from None
+    try:                                         # how every model is sampled
+        check_config(apply_overrides(cfg, eval_overrides(guidance_scale=args.guidance_scale, guidance_t_max=args.
+                                                         guidance_t_max, head_outside_cfg=args.head_outside_cfg)))
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (from --guidance-scale / --guidance-t-max / --head-outside-cfg)") from None
+    try:
         base, _, _ = load_unet(run_dir, device)
     except (CheckpointError, ValueError, TypeError, KeyError) as e:
         raise SystemExit(f"error: {run_dir}: {e}") from None
@@ -109,16 +118,16 @@ def main() -> None:
             raise SystemExit(f"error: --heads {folder}: {e}") from None
     splits = load_splits(cfg.data)
     judge = make_judge(splits, run_dir / "judges", device, cfg.eval.judge_steps)
-    scale = cfg.eval.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    how = pipeline.sample_settings(cfg, device, n_per_class=args.n_per_class or cfg.eval.n_per_class,
-                                   guidance_scale=scale)
+    scale = cfg.eval.guidance_scale
+    how = pipeline.sample_settings(cfg, device, n_per_class=args.n_per_class or cfg.eval.n_per_class)
     c, k = cfg.unet.num_classes, judge.num_attributes
     values = (judge.attribute_names or [str(v) for v in range(k)]) + ["?"]
 
-    report = {"run": str(run_dir), "strength": w, "guidance_scale": scale, "values": values, "models": {}}
+    report = {"run": str(run_dir), "strength": w, "guidance_scale": scale, "guidance_t_max": cfg.eval.guidance_t_max,
+              "head_outside_cfg": cfg.eval.head_outside_cfg, "values": values, "models": {}}
     for name, (head, strength) in models.items():
         images, labels, metrics = sample_and_judge(base, head, strength, judge, how, cfg.head.mode,
-                                                   cfg.head.mix_ratio)
+                                                   cfg.head.mix_ratio, cfg.eval.head_outside_cfg)
         table = cell_table(judge, images, labels, c, k)
         table["fidelity"] = metrics["fidelity"]
         line = f"{name}: fidelity {metrics['fidelity']:.3f}"

@@ -40,7 +40,7 @@ import torch
 
 from invdiff_min import pipeline
 from invdiff_min.checkpoint import load_tensors, load_unet, read_json, save_tensors
-from invdiff_min.config import RunConfig, apply_overrides, check_config
+from invdiff_min.config import RunConfig, apply_overrides, check_config, eval_overrides
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
 from invdiff_min.groups import class_label_topk_groups, class_margin_groups, class_topk_groups, group_report
@@ -126,7 +126,7 @@ def merge(paths: list[str]) -> dict:
     merged = copy.deepcopy(reports[0])
     for other in reports[1:]:
         if any(other.get(k) != merged.get(k) for k in ("run", "n_per_class", "sampler", "guidance_scale",
-                                                       "head_steps")):
+                                                       "guidance_t_max", "head_outside_cfg", "head_steps")):
             raise SystemExit(f"error: cannot merge reports of different runs, sample sizes or samplers: {paths}")
         merged["groups"].update(other["groups"])
         for name, by_w in other["models"].items():
@@ -146,6 +146,10 @@ def main() -> None:
                    help="train every head to this many steps (default: the run's); shorter heads are continued")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale s of every model, base included (default: the run's)")
+    p.add_argument("--guidance-t-max", type=int, default=None,
+                   help="class guidance only at t below this, every model (default: the run's eval.guidance_t_max)")
+    p.add_argument("--head-outside-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="the heads' push outside the class guidance (default: the run's eval.head_outside_cfg)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="train the heads with this head setting instead of the run's, or group with this groups "
                         "setting (the variants grouped here only); repeatable; needs --tag")
@@ -169,6 +173,11 @@ def main() -> None:
         raise SystemExit("error: pass --run RUN (a train.py run folder), or --merge JSON ...")
     run_dir = Path(args.run)
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
+    try:                                         # how every model is sampled
+        check_config(apply_overrides(cfg, eval_overrides(guidance_scale=args.guidance_scale, guidance_t_max=args.
+                                                         guidance_t_max, head_outside_cfg=args.head_outside_cfg)))
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (from --guidance-scale / --guidance-t-max / --head-outside-cfg)") from None
     recipe = copy.deepcopy(cfg)
     if args.set:
         if not args.tag or any(not item.startswith(("head.", "groups.")) for item in args.set):
@@ -192,14 +201,15 @@ def main() -> None:
     splits = load_splits(cfg.data)
     data = splits.train
     n = args.n_per_class or cfg.eval.n_per_class
-    scale = cfg.eval.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    scale = cfg.eval.guidance_scale
     head_steps = args.head_steps or cfg.head.steps
-    how = pipeline.sample_settings(cfg, device, n_per_class=n, guidance_scale=scale)
+    how = pipeline.sample_settings(cfg, device, n_per_class=n)
 
     judge = make_judge(splits, run_dir / "judges", device, cfg.eval.judge_steps)
     losses = load_tensors(run_dir / "losses.safetensors")["loss"]
     report: dict = {"run": str(run_dir), "preset": cfg.preset, "data_seed": cfg.data.seed, "n_per_class": n,
                     "sampler": f"{cfg.eval.sampler}-{cfg.eval.num_steps}", "guidance_scale": scale,
+                    "guidance_t_max": cfg.eval.guidance_t_max, "head_outside_cfg": cfg.eval.head_outside_cfg,
                     "head_steps": head_steps, "head_settings": args.set,
                     "losses": read_json(run_dir / "losses.json"),
                     "groups": {}, "models": {}}
@@ -225,7 +235,8 @@ def main() -> None:
                 raise SystemExit(f"error: {folder} holds a head at step {state['step']}, not {variant.head.steps}; "
                                  f"pass --head-steps {state['step']} or move that folder away")
             for w in args.strengths:
-                metrics = sample_and_judge(base, head, w, judge, how, recipe.head.mode, recipe.head.mix_ratio)[2]
+                metrics = sample_and_judge(base, head, w, judge, how, recipe.head.mode, recipe.head.mix_ratio,
+                                           cfg.eval.head_outside_cfg)[2]
                 results.setdefault(str(w), []).append(metrics)
             print(f"{name}{args.tag} seed {seed}: " + ", ".join(f"w={w} Bias {results[str(w)][-1]['bias']:.3f}"
                                                      for w in args.strengths), flush=True)

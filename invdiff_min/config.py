@@ -129,6 +129,8 @@ class EvalConfig:
     sampler: str = "ddim"
     num_steps: int = 25
     guidance_scale: float = 1.0            # classifier-free guidance scale (1 = plain conditional)
+    guidance_t_max: int | None = None      # class guidance only at t < this (a guidance interval; None: every t)
+    head_outside_cfg: bool = False         # the head's push w G_psi outside the class guidance (guidance.py)
     strength: float = 2.0                  # InvDiff guidance strength w of the summary (chosen on data seeds 1, 2)
     seed: int = 1234
     judge_steps: int = 400                 # training steps of the class/attribute classifiers (real datasets)
@@ -169,6 +171,11 @@ def _from_dict(cls, d: dict):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def eval_overrides(**values) -> list[str]:
+    """`--set` items for the eval fields given (None: keep the run's), e.g. a script's --guidance-scale."""
+    return [f"eval.{name}={json.dumps(value)}" for name, value in values.items() if value is not None]
 
 
 def apply_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
@@ -258,6 +265,7 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "data.num_samples": (2, MAX_SAMPLES, "training images"), "eval.n_per_class": (1, 100_000, "samples per class"),
     "eval.num_steps": (1, 100_000, "sampling steps"), "eval.strength": (0.0, 20.0, "the guidance strength w"),
     "eval.guidance_scale": (0.0, 50.0, "the CFG scale"), "data.aligned_fraction": (0.0, 1.0, "a share"),
+    "eval.guidance_t_max": (0, 100_000, "a timestep: class guidance at t below it"),
     **{f"{s}.seed": (0, 2**31 - 1, "a seed") for s in ("data", "train", "losses", "groups", "head", "eval")},
 }
 
@@ -292,6 +300,11 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"head.condition must be one of {', '.join(HEAD_CONDITIONS)}, got {cfg.head.condition!r}")
     if cfg.head.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"head.lr_schedule must be 'constant' or 'cosine', got {cfg.head.lr_schedule!r}")
+    if cfg.eval.guidance_t_max is not None and cfg.eval.guidance_t_max > T:
+        raise ValueError(f"eval.guidance_t_max must be at most the {T} training timesteps (class guidance at t below "
+                         f"it; leave it unset for every t), got {cfg.eval.guidance_t_max}")
+    if cfg.eval.head_outside_cfg and cfg.head.mode != "additive":
+        raise ValueError("eval.head_outside_cfg needs head.mode 'additive' (the 'mix' mode has no separate push)")
     if cfg.eval.num_steps > T:
         raise ValueError(f"eval.num_steps must be at most the {T} training timesteps, got {cfg.eval.num_steps}")
 

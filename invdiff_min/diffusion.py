@@ -8,7 +8,12 @@ Sampling with guidance scale s (Ho & Salimans 2022):
     eps_hat = eps(x_t, null) + s * (eps(x_t, y) - eps(x_t, null))
     s = 1: the plain conditional model (one network call per step);  s = 0: the unconditional model;
     s > 1: stronger conditioning.
-The model may be any callable `model(x, t, y) -> eps`, e.g. the InvDiff guided model of `guidance.py`.
+Guidance interval (`guidance_t_max`, Kynkaenniemi et al. 2024, "Applying guidance in a limited interval"): the
+class guidance only at t < t_max, the plain conditional model above it. Guidance at large t, where the image's
+layout (here: its background) is settled, pulls every sample toward its class's most common layout; the rest of
+the chain still sharpens the class.
+The model may be any callable `model(x, t, y) -> eps`, e.g. the InvDiff guided model of `guidance.py`; one with a
+`cfg_eps` method combines the two branches itself (the guided model keeping its head outside the class guidance).
 """
 from __future__ import annotations
 
@@ -83,14 +88,17 @@ def make_sampler(name: str, schedule_kwargs: dict | None = None) -> _NoiseSchedu
 def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], labels: torch.Tensor | None,
            num_steps: int, guidance_scale: float = 1.0, null_label: int | None = None, eta: float = 0.0,
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-           progress: Callable | None = None) -> torch.Tensor:
+           progress: Callable | None = None, guidance_t_max: int | None = None) -> torch.Tensor:
     """Run the reverse process from x_T ~ N(0, I); returns x_0 in [-1, 1], shape `shape`.
 
-    `guidance_scale` is the classifier-free guidance scale s (1 = plain conditional, 0 = unconditional).
+    `guidance_scale` is the classifier-free guidance scale s (1 = plain conditional, 0 = unconditional), applied
+    at the steps with t < `guidance_t_max` (None: at every step), the plain conditional model at the others.
     Noise is drawn on the CPU from `generator`, so a seed gives the same images on every device.
     """
     if guidance_scale != 1.0 and (labels is None or null_label is None):
         raise ValueError("classifier-free guidance (guidance_scale != 1) needs class labels and a null label")
+    if guidance_t_max is not None and not (type(guidance_t_max) is int and guidance_t_max >= 0):
+        raise ValueError(f"guidance_t_max must be a timestep >= 0 (class guidance at t < it), got {guidance_t_max!r}")
     scheduler.set_timesteps(num_steps)
     x = torch.randn(shape, generator=generator).to(device)
     if null_label is not None and getattr(model, "null_label", null_label) != null_label:
@@ -108,19 +116,28 @@ def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], l
     steps = scheduler.timesteps.tolist()
     for t in (progress(steps) if progress else steps):
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        if guidance_scale == 1.0:
+        if guidance_scale == 1.0 or (guidance_t_max is not None and t >= guidance_t_max):
             eps = model(x, tt, labels)
         elif guidance_scale == 0.0:
             eps = model(x, tt, null)
-        else:  # one batched call for the conditional and unconditional branch
-            eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).float().chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        else:
+            eps = cfg_eps(model, x, tt, labels, null, guidance_scale)
         noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None
         if isinstance(scheduler, DDIMScheduler):
             x = scheduler.step(eps.float(), t, x, eta=eta, variance_noise=noise if eta > 0 else None)
         else:
             x = scheduler.step(eps.float(), t, x, variance_noise=noise)
     return x
+
+
+def cfg_eps(model: EpsModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """eps_u + s (eps_c - eps_u), float32: both branches in one batched call, rows [y; null]. A model with its own
+    `cfg_eps` (a guided model whose head stays outside the class guidance) combines them itself."""
+    if hasattr(model, "cfg_eps"):
+        return model.cfg_eps(x, t, y, null, scale)
+    eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    return eps_u + scale * (eps_c - eps_u)
 
 
 @torch.no_grad()

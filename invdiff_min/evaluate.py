@@ -38,6 +38,7 @@ class SampleSettings:
     sampler: str = "ddim"
     num_steps: int = 25
     guidance_scale: float = 1.0                  # classifier-free guidance scale s (1 = plain conditional)
+    guidance_t_max: int | None = None            # class guidance only at t < this (None: every step)
     eta: float = 0.0
     seed: int = 0
     device: object = "cpu"
@@ -46,8 +47,8 @@ class SampleSettings:
 
 
 def generate(model, diffusion_kwargs: dict, n_per_class: int, num_classes: int, image_shape: tuple[int, int, int],
-             sampler: str = "ddim", num_steps: int = 25, guidance_scale: float = 1.0, eta: float = 0.0,
-             seed: int = 0, device="cpu", batch_size: int = 500,
+             sampler: str = "ddim", num_steps: int = 25, guidance_scale: float = 1.0,
+             guidance_t_max: int | None = None, eta: float = 0.0, seed: int = 0, device="cpu", batch_size: int = 500,
              precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [0, 1] (N, C, H, W), labels (N,)), class-major, deterministic given `seed`."""
     labels = torch.arange(num_classes).repeat_interleave(n_per_class)
@@ -61,17 +62,19 @@ def generate(model, diffusion_kwargs: dict, n_per_class: int, num_classes: int, 
         y = model_labels[start:start + batch_size]
         with amp.autocast(device, precision):
             x = sample(model, scheduler, (len(y), *image_shape), y, num_steps, guidance_scale=guidance_scale,
-                       null_label=getattr(model, "null_label", None), eta=eta, generator=g, device=device)
+                       null_label=getattr(model, "null_label", None), eta=eta, generator=g, device=device,
+                       guidance_t_max=guidance_t_max)
         out.append(from_model_range(x).cpu())
     return torch.cat(out), labels
 
 
 def sample_and_judge(base, head, strength: float, judge: "Judge", settings: SampleSettings, mode: str = "additive",
-                     mix_ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                     mix_ratio: float = 0.5, head_outside_cfg: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Sample eps_theta + w G_psi (w = `strength`; w = 0 or head None: the base model alone) and judge the
     samples. Returns (images in [0, 1], labels, metrics). Every caller that compares models (the pipeline's
     evaluation, sample.py --evaluate, the benchmarks) samples through here, so a seed means the same noise."""
-    model = GuidedModel(base, head if strength else None, strength, mode, mix_ratio)
+    model = GuidedModel(base, head if strength else None, strength, mode, mix_ratio,
+                        head_outside_cfg=head_outside_cfg and bool(strength))
     images, labels = generate(model, **vars(settings))
     return images, labels, judge(images, labels)
 

@@ -19,6 +19,14 @@ class's sub-groups, fixed over its chain: the samples of a class in one call tak
 The guided model's labels are then sub-groups (the base reads their class), so training and sampling pass them where
 class labels go (docs/results/kvalued/rule_class_group.md).
 
+Under classifier-free guidance with scale s (diffusion.py) the head sits inside the conditional branch by default,
+    eps_hat = eps_theta(null) + s (eps_theta(y) + w G_psi - eps_theta(null)),
+so its push is scaled by s. deviation (`head_outside_cfg`, an option for K > 2 values): the head's push stays outside
+the class guidance,
+    eps_hat = eps_theta(null) + s (eps_theta(y) - eps_theta(null)) + w G_psi,
+so w means the same at every s; with class guidance only below a timestep (`guidance_t_max`) it keeps the balance
+the head sets at large t and draws the class more clearly (docs/results/kvalued/rule_cfg.md, rules 11 and 14).
+
 The official code's variant (`mode="mix"`): G is a full copy of the base UNet (initialised from it, output
 conv zeroed) mixed as eps_hat = r G + (1 - r) eps_theta, r = 0.5; here r = w * mix_ratio, so w = 0 is again
 the base model.
@@ -137,12 +145,16 @@ class GuidedModel(nn.Module):
     sub-group, y are sub-group labels (`labels_for` draws them from class labels) and the base reads their class."""
 
     def __init__(self, base: UNet, head: InvariantGuidance | None, strength: float = 1.0, mode: str = "additive",
-                 mix_ratio: float = 0.5, group_class: torch.Tensor | None = None):
+                 mix_ratio: float = 0.5, group_class: torch.Tensor | None = None, head_outside_cfg: bool = False):
         super().__init__()
         if mode not in ("additive", "mix"):
             raise ValueError(f"mode must be 'additive' (ours) or 'mix' (official code), got {mode!r}")
+        if head_outside_cfg and mode != "additive":
+            raise ValueError("head_outside_cfg adds the head's push w G_psi outside the class guidance: it needs "
+                             "mode='additive' (the 'mix' mode has no separate push)")
         self.base, self.head = base, head
         self.strength, self.mode, self.mix_ratio = float(strength), mode, float(mix_ratio)
+        self.head_outside_cfg = bool(head_outside_cfg)
         self.base.requires_grad_(False).eval()
         # a head told the sub-group: this model's labels are sub-groups (G: the null), and label_class (G + 1,)
         # gives the class the base reads for each; `group_class` is passed when `head` is wrapped (DDP, compile)
@@ -190,6 +202,21 @@ class GuidedModel(nn.Module):
             return eps + self.strength * cond * g                         # eps_theta + w G_psi
         r = self.strength * self.mix_ratio * cond
         return r * g + (1 - r) * eps
+
+    def cfg_eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """Classifier-free guidance at scale s (diffusion.cfg_eps calls this), float32; y are this model's labels.
+        Head inside (default): eps_u + s (eps_c - eps_u) over this model's two branches, rows [y; null].
+        Head outside (`head_outside_cfg`): the base's branches combined, plus w G_psi on the conditional rows only."""
+        both = torch.cat([x, x]), torch.cat([t, t])
+        if not self.head_outside_cfg or self.head is None or self.strength == 0.0:
+            eps_c, eps_u = self(*both, torch.cat([y, null])).float().chunk(2)
+            return eps_u + scale * (eps_c - eps_u)
+        y_class, null_class = (y, null) if self.group_class is None else (self.label_class[y], self.label_class[null])
+        with torch.no_grad():
+            eps_c, eps_u = self.base(*both, torch.cat([y_class, null_class])).float().chunk(2)
+        cond = (y_class != self.base.null_label).float().view(-1, 1, 1, 1)   # no push on the null label
+        return eps_u + scale * (eps_c - eps_u) + self.strength * cond * self.head(x, t, y).float()
 
 
 def invariant_loss(losses: torch.Tensor, assignments: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

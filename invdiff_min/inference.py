@@ -10,8 +10,9 @@ pipelines are called, and judges what it sampled.
 
 Conventions (as everywhere in this project): `strength` is InvDiff's w (eps_theta + w G_psi; 0 = the base
 model, 1 = as trained); `guidance_scale` is classifier-free guidance's s (1 = plain conditional, 0 =
-unconditional). Unset sampler, step count and strength follow the run's evaluation settings, so a plain call
-samples the way the run's summary was measured.
+unconditional), applied at t < `guidance_t_max` (None: every step). Unset sampler, step count, strength and
+class guidance follow the run's evaluation settings, so a plain call samples the way the run's summary was
+measured (`head_outside_cfg` too: the head's push outside the class guidance, guidance.py).
 """
 from __future__ import annotations
 
@@ -53,13 +54,16 @@ class InvDiffPipeline:
     def __init__(self, base: UNet, head: InvariantGuidance | None, diffusion: dict, *, strength: float = 1.0,
                  mode: str = "additive", mix_ratio: float = 0.5, sampler: str = "ddim", num_inference_steps: int = 50,
                  config: dict | None = None, run_dir: Path | None = None, class_names: list[str] | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", guidance_scale: float = 1.0, guidance_t_max: int | None = None,
+                 head_outside_cfg: bool = False):
         amp.check_precision(precision)
         self.base, self.head, self.diffusion = base, head, dict(diffusion)
         self.precision = precision                 # network calls while sampling (amp.py); "fp32" is exact
         self.class_names = class_names or [f"class{c}" for c in range(base.config.num_classes or 0)]
         self.strength, self.mode, self.mix_ratio = strength, mode, mix_ratio
         self.sampler, self.num_inference_steps = sampler, num_inference_steps
+        self.guidance_scale, self.guidance_t_max = guidance_scale, guidance_t_max
+        self.head_outside_cfg = head_outside_cfg
         self.config, self.run_dir = config or {}, run_dir
         self._judge = None
 
@@ -93,19 +97,23 @@ class InvDiffPipeline:
         return cls(base, trained, config["diffusion"], strength=float(run_eval.get("strength", 1.0)),
                    mode=head_cfg.get("mode", "additive"), mix_ratio=head_cfg.get("mix_ratio", 0.5),
                    sampler=run_eval.get("sampler", "ddim"), num_inference_steps=run_eval.get("num_steps", 50),
-                   config=config, run_dir=run_dir, class_names=record.get("class_names"))
+                   config=config, run_dir=run_dir, class_names=record.get("class_names"),
+                   guidance_scale=float(run_eval.get("guidance_scale", 1.0)),
+                   guidance_t_max=run_eval.get("guidance_t_max"),
+                   head_outside_cfg=bool(run_eval.get("head_outside_cfg", False)))
 
     def model(self, strength: float | None = None) -> GuidedModel:
         """eps_theta + w G_psi as one callable (w = 0 or no head: the base model alone). A head told the
         sub-group takes sub-group labels: draw them with `.labels_for(class_labels, generator)`."""
         w = self.strength if strength is None else float(strength)
-        return GuidedModel(self.base, self.head if w else None, w, self.mode, self.mix_ratio)
+        return GuidedModel(self.base, self.head if w else None, w, self.mode, self.mix_ratio,
+                           head_outside_cfg=self.head_outside_cfg and bool(w))
 
     @torch.no_grad()
     def __call__(self, class_labels=None, num_images: int | None = None, strength: float | None = None,
-                 guidance_scale: float = 1.0, sampler: str | None = None, num_inference_steps: int | None = None,
-                 eta: float = 0.0, generator: torch.Generator | None = None, output_type: str = "pt",
-                 batch_size: int = 500) -> InvDiffOutput:
+                 guidance_scale: float | None = None, sampler: str | None = None,
+                 num_inference_steps: int | None = None, eta: float = 0.0, generator: torch.Generator | None = None,
+                 output_type: str = "pt", batch_size: int = 500, guidance_t_max: int | None = None) -> InvDiffOutput:
         """Sample one image per entry of `class_labels` (a class-conditional model), or `num_images` images of an
         unconditional one. Noise comes from `generator` (CPU), so a seed gives the same images on any device."""
         if output_type not in OUTPUT_TYPES:
@@ -127,6 +135,8 @@ class InvDiffPipeline:
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps   # 0 is refused
         side, channels = self.config.get("data", {}).get("resolution", self.base.config.sample_size), \
             self.base.config.in_channels
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        t_max = self.guidance_t_max if guidance_t_max is None else guidance_t_max
         model = self.model(strength)
         model_labels = labels
         if self.num_classes:             # a head told the sub-group: one of its class's sub-groups per image
@@ -136,8 +146,8 @@ class InvDiffPipeline:
             y = model_labels[start:start + batch_size]
             with amp.autocast(self.device, self.precision):
                 x = sample(model, scheduler, (len(y), channels, side, side), y if self.num_classes else None,
-                           steps, guidance_scale=guidance_scale, null_label=model.null_label, eta=eta,
-                           generator=generator, device=self.device)
+                           steps, guidance_scale=scale, null_label=model.null_label, eta=eta,
+                           generator=generator, device=self.device, guidance_t_max=t_max)
             out.append(from_model_range(x).cpu())
         images = torch.cat(out) if out else torch.zeros(0, channels, side, side)
         return InvDiffOutput(convert_images(images, output_type), labels)

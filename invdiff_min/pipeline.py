@@ -449,7 +449,8 @@ def sample_settings(cfg: RunConfig, device, **overrides) -> SampleSettings:
                                     n_per_class=settings.n_per_class, num_classes=cfg.unet.num_classes,
                                     image_shape=(cfg.unet.in_channels, cfg.data.resolution, cfg.data.resolution),
                                     sampler=settings.sampler, num_steps=settings.num_steps,
-                                    guidance_scale=settings.guidance_scale, seed=settings.seed, device=device,
+                                    guidance_scale=settings.guidance_scale, guidance_t_max=settings.guidance_t_max,
+                                    seed=settings.seed, device=device,
                                     precision=cfg.train.precision),
                              **overrides})
 
@@ -479,7 +480,8 @@ def evaluate(cfg: RunConfig, splits: DataSplits, base: UNet, heads: dict[str, In
             if w == 0.0:
                 continue
             images, _, sweep.setdefault(name, {})[str(w)] = sample_and_judge(base, head, w, judge, how, cfg.head.mode,
-                                                                            cfg.head.mix_ratio)
+                                                                            cfg.head.mix_ratio,
+                                                                            settings.head_outside_cfg)
             if w == settings.strength:
                 summary[name], grids[name] = sweep[name][str(w)], images
     summary["sweep"] = {name: {"0.0": summary["base"], **s} for name, s in sweep.items()}

@@ -45,6 +45,24 @@ def test_cfg_combines_branches_as_uncond_plus_scale_times_difference():
     assert m.calls[0].tolist() == [0, 1, 2, 2]        # one batched call: conditional then null
 
 
+def test_guidance_interval_guides_only_below_t_max():
+    """guidance_t_max: the batched [y; null] call at t < t_max only, one plain conditional call at the others."""
+    for t_max, expected in ((None, [4, 4, 4, 4]), (1000, [4, 4, 4, 4]), (500, [2, 2, 4, 4]), (0, [2, 2, 2, 2])):
+        m = Recorder()
+        sample(m, DDIMScheduler(), (2, 1, 4, 4), torch.tensor([0, 1]), 4, guidance_scale=3.0, null_label=2,
+               generator=torch.Generator().manual_seed(0), guidance_t_max=t_max)     # t = 999, 749, 499, 249
+        assert [len(c) for c in m.calls] == expected, t_max
+        assert all(c[:2].tolist() == [0, 1] for c in m.calls)
+    plain, limited = (sample(Recorder(), DDIMScheduler(), (2, 1, 4, 4), torch.tensor([0, 1]), 4, guidance_scale=s,
+                             null_label=2, generator=torch.Generator().manual_seed(0), guidance_t_max=t)
+                      for s, t in ((1.0, None), (3.0, 0)))
+    assert torch.equal(plain, limited)                  # no step below t_max: exactly the plain conditional model
+    for bad in (-1, 2.5, "250", True):
+        with pytest.raises(ValueError, match="guidance_t_max"):
+            sample(Recorder(), DDIMScheduler(), (2, 1, 4, 4), torch.tensor([0, 1]), 1, guidance_scale=3.0,
+                   null_label=2, guidance_t_max=bad)
+
+
 def test_cfg_needs_labels_and_a_null_label():
     with pytest.raises(ValueError, match="null label"):
         sample(Recorder(), DDIMScheduler(), (2, 1, 4, 4), None, 1, guidance_scale=2.0)

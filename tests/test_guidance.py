@@ -194,6 +194,33 @@ def test_a_group_head_at_zero_phi_prime_samples_the_class_head_images_with_and_w
     assert not torch.equal(ours, base_only)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_head_outside_cfg_adds_the_unscaled_push_to_the_base_s_class_guidance(grouped):
+    """cfg_eps with the head outside: eps_theta(null) + s (eps_theta(y) - eps_theta(null)) + w G_psi(y); inside
+    (the default): s scales the push. Sub-group labels: the base reads their class, the head the sub-group."""
+    from invdiff_min.diffusion import cfg_eps
+
+    base, head = base_and_head()
+    if grouped:
+        head = acting_group_head_and_its_class_head()[0]
+    torch.nn.init.normal_(head.net.conv_out.weight, std=0.1)
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([10, 10, 10])
+    y = torch.tensor([1, 4, 0]) if grouped else torch.tensor([0, 1, 1])
+    y_class = torch.tensor([0, 1, 0]) if grouped else y
+    s, w = 2.5, 1.5
+    with torch.no_grad():
+        e_c, e_u = base(x, t, y_class), base(x, t, torch.full((3,), base.null_label))
+        g = head(x, t, y)
+        outside = GuidedModel(base, head, w, head_outside_cfg=True)
+        null = torch.full((3,), outside.null_label)
+        assert torch.allclose(cfg_eps(outside, x, t, y, null, s), e_u + s * (e_c - e_u) + w * g, atol=1e-5)
+        inside = GuidedModel(base, head, w)
+        assert torch.allclose(cfg_eps(inside, x, t, y, null, s), e_u + s * (e_c + w * g - e_u), atol=1e-5)
+        assert torch.equal(outside(x, t, y), inside(x, t, y))      # without class guidance the two are one model
+    with pytest.raises(ValueError, match="additive"):
+        GuidedModel(base, head, w, mode="mix", head_outside_cfg=True)
+
+
 def test_the_api_draws_new_sub_groups_as_its_generator_is_used_and_leaves_the_noise_alone():
     from invdiff_min.inference import follower
 

@@ -121,9 +121,17 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     base, same = cell_fidelity("0", "cells_cfg.json", "--guidance-scale", "2")   # CFG on the class, base included
     assert same["count"] == base["count"]
     assert json.loads((tmp_path / "cells_cfg.json").read_text())["guidance_scale"] == 2
+    # class guidance below t = 0 is no class guidance: the head's push outside it gives the plain cells of w = 1
+    base, head = cell_fidelity("1", "cells1.json")
+    same_base, same_head = cell_fidelity("1", "cells_t0.json", "--guidance-scale", "3", "--guidance-t-max", "0",
+                                         "--head-outside-cfg")
+    assert (same_base, same_head) == (base, head)
+    recorded = json.loads((tmp_path / "cells_t0.json").read_text())
+    assert recorded["guidance_t_max"] == 0 and recorded["head_outside_cfg"] is True
     for bad, says in ((["--heads", str(tmp_path / "nothing")], "nothing"), (["--heads", "base"], "base"),
                       (["--json", str(tmp_path / "no" / "cells.json")], "does not exist"),
-                      (["--guidance-scale", "-1"], "--guidance-scale")):
+                      (["--guidance-scale", "-1"], "--guidance-scale"),
+                      (["--guidance-t-max", "1001"], "eval.guidance_t_max must be at most")):
         r = run("benchmarks/cell_fidelity.py", "--run", str(out), *bad)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr
     # a benchmark recipe needs a folder of its own
@@ -172,6 +180,20 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
         meta = f.metadata()
     tiny = get_preset("tiny").eval
     assert meta["sampler"] == f"{tiny.sampler}-{tiny.num_steps}" and f"w = {tiny.strength}" in meta["head"]
+    # the head outside class guidance that never acts (t_max = 0) is the plain guided model; then at every t it
+    # is not, and the choice is recorded
+    drawn = {}
+    for name, extra in (("plain", []), ("t0", ["--guidance-scale", "3", "--guidance-t-max", "0", "--head-outside-cfg"]),
+                        ("all", ["--guidance-scale", "3", "--head-outside-cfg"])):
+        r = run("sample.py", "--ckpt", str(out), "--n-per-class", "2", "--out", str(tmp_path / name), "--steps", "4",
+                "--strength", "2", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        drawn[name] = load_file(str(tmp_path / name / "samples.safetensors"))["images"]
+    assert torch.equal(drawn["plain"], drawn["t0"]) and not torch.equal(drawn["plain"], drawn["all"])
+    with safe_open(str(tmp_path / "all" / "samples.safetensors"), "pt") as f:
+        assert f.metadata()["head_outside_cfg"] == "True" and f.metadata()["guidance_scale"] == "3.0"
+    r = run("sample.py", "--ckpt", str(out), "--out", str(tmp_path / "bad"), "--guidance-t-max", "5000")
+    assert r.returncode != 0 and "--guidance-t-max must be a timestep in [0, 1000]" in r.stderr
 
 
 @pytest.mark.parametrize("args,message", [

@@ -142,6 +142,9 @@ def test_groups_inferred_from_other_losses_are_inferred_again(full_run, tmp_path
     (["--set", "head.lamda=2"], "no field 'lamda' in head; fields: "),
     (["--set", "losses.num_draws=many"], "--set losses.num_draws: \"many\" is not a int"),
     (["--set", "losses.t_window=[900,1200]"], "losses.t_window must be [lo, hi) with 0 <= lo < hi <= 1000"),
+    (["--set", "eval.guidance_t_max=1001"], "eval.guidance_t_max must be at most the 1000 training timesteps"),
+    (["--set", "eval.guidance_t_max=-5"], "eval.guidance_t_max must be a number in [0, 100,000]"),
+    (["--set", "eval.head_outside_cfg=true", "--set", "head.mode=mix"], "eval.head_outside_cfg needs head.mode"),
 ])
 def test_numbers_no_run_can_use_are_refused_before_any_work(flags, message, tmp_path):
     fails_with("train.py", ["--preset", "tiny", "--out", tmp_path / "x", *flags], message)
