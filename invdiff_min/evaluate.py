@@ -38,18 +38,18 @@ class SampleSettings:
     sampler: str = "ddim"
     num_steps: int = 25
     guidance_scale: float = 1.0                  # classifier-free guidance scale s (1 = plain conditional)
-    guidance_t_max: int | None = None            # class guidance only at t < this (None: every step)
     eta: float = 0.0
     seed: int = 0
     device: object = "cpu"
     batch_size: int = 500
     precision: str = "fp32"                      # autocast of the network calls (amp.py)
+    guidance_t_max: int | None = None            # class guidance only at t < this (None: every step)
 
 
 def generate(model, diffusion_kwargs: dict, n_per_class: int, num_classes: int, image_shape: tuple[int, int, int],
-             sampler: str = "ddim", num_steps: int = 25, guidance_scale: float = 1.0,
-             guidance_t_max: int | None = None, eta: float = 0.0, seed: int = 0, device="cpu", batch_size: int = 500,
-             precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+             sampler: str = "ddim", num_steps: int = 25, guidance_scale: float = 1.0, eta: float = 0.0,
+             seed: int = 0, device="cpu", batch_size: int = 500, precision: str = "fp32",
+             guidance_t_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [0, 1] (N, C, H, W), labels (N,)), class-major, deterministic given `seed`."""
     labels = torch.arange(num_classes).repeat_interleave(n_per_class)
     model_labels = labels
