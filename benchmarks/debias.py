@@ -173,9 +173,10 @@ def main() -> None:
         raise SystemExit("error: pass --run RUN (a train.py run folder), or --merge JSON ...")
     run_dir = Path(args.run)
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
+    sampling = eval_overrides(guidance_scale=args.guidance_scale, guidance_t_max=args.guidance_t_max,
+                              head_outside_cfg=args.head_outside_cfg)
     try:                                         # how every model is sampled
-        check_config(apply_overrides(cfg, eval_overrides(guidance_scale=args.guidance_scale, guidance_t_max=args.
-                                                         guidance_t_max, head_outside_cfg=args.head_outside_cfg)))
+        check_config(apply_overrides(cfg, sampling))
     except ValueError as e:
         raise SystemExit(f"error: {e} (from --guidance-scale / --guidance-t-max / --head-outside-cfg)") from None
     recipe = copy.deepcopy(cfg)
