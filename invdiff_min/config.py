@@ -156,26 +156,37 @@ class RunConfig:
         return _from_dict(cls, d)
 
 
-def _from_dict(cls, d: dict):
-    """Rebuild a (nested) dataclass from a dict, refusing unknown keys with a clear message."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(known))
+def _from_dict(cls, d: dict, where: str = ""):
+    """Rebuild a (nested) dataclass from a dict (parsed JSON), refusing unknown keys and values of the wrong
+    type with a message naming the field (`where` is the section's dotted path)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where or cls.__name__} must be an object of settings, got {json.dumps(d)[:60]}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
-    kwargs = {}
+        raise ValueError(f"unknown {where or cls.__name__} fields {unknown}; known: {sorted(known)}")
+    hints, kwargs = typing.get_type_hints(cls), {}
     for name, value in d.items():
-        default = getattr(cls(), name) if name in known else None
-        if is_dataclass(default) and isinstance(value, dict):
-            value = _from_dict(type(default), value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
+        path = f"{where}.{name}" if where else name
+        if is_dataclass(hints[name]):
+            kwargs[name] = _from_dict(hints[name], value, path)
+        else:
+            kwargs[name] = _fit(value, hints[name], path)
     return cls(**kwargs)
 
 
-def eval_overrides(**values) -> list[str]:
-    """`--set` items for the eval fields given (None: keep the run's), e.g. a script's --guidance-scale."""
-    return [f"eval.{name}={json.dumps(value)}" for name, value in values.items() if value is not None]
+def with_eval(cfg: RunConfig, **values) -> RunConfig:
+    """`cfg` with a script's sampling flags (eval fields; None keeps the run's), e.g. guidance_scale=3, then
+    checked as a whole; a ValueError names the flag."""
+    flags = {name: "--" + name.replace("_", "-") for name in values}
+    for name, value in values.items():
+        if value is not None:
+            setattr(cfg.eval, name, _fit(value, typing.get_type_hints(EvalConfig)[name], flags[name]))
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"{e} (from {' / '.join(flags.values())})") from None
+    return cfg
 
 
 def apply_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
@@ -234,7 +245,14 @@ def _fit(value, hint, where: str):
             if inner is None and len(args) != len(value):
                 continue
             return tuple(_fit(v, inner or a, where) for v, a in zip(value, args if inner is None else value))
-    raise ValueError(f"{where}: {json.dumps(value)} is not a {getattr(hint, '__name__', None) or hint}")
+    raise ValueError(f"{where} must be {' or '.join(_kind(o) for o in options)}, got {json.dumps(value)}")
+
+
+def _kind(hint) -> str:
+    """A config field's type in words, for error messages."""
+    origin = typing.get_origin(hint) or hint
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+            tuple: "a list", type(None): "null"}.get(origin, str(hint))
 
 
 # ----- the numbers a run may be given, checked once the config is assembled (flags, --set, presets) -------

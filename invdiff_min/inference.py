@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 
 from . import amp
-from .checkpoint import CheckpointError, list_checkpoints, load_unet, read_json_object
+from .checkpoint import CheckpointError, list_checkpoints, load_unet
+from .config import EvalConfig
 from .data import from_model_range
 from .diffusion import make_sampler, sample
 from .guidance import GuidedModel, InvariantGuidance, load_head
+from .runs import read_run_config
 from .unet import UNet
 
 OUTPUT_TYPES = ("pt", "np", "pil")
@@ -85,8 +87,8 @@ class InvDiffPipeline:
         base, state, ckpt = load_unet(path, device, weights=weights)
         run_dir = find_run_dir(path)
         config = state.get("config", {})
-        record = read_json_object(run_dir / "config.json") if run_dir else {}
-        run_eval = record.get("config", {}).get("eval", {})
+        run_cfg, record = read_run_config(run_dir) if run_dir else (None, {})
+        run_eval = run_cfg.eval if run_cfg else EvalConfig(strength=1.0, num_steps=50)   # a bare checkpoint
         trained = None
         if head is not None and run_dir is not None and list_checkpoints(run_dir / head):
             trained, _ = load_head(run_dir / head, base, device)
@@ -94,13 +96,12 @@ class InvDiffPipeline:
             raise CheckpointError(f"no trained head {head!r} under {run_dir or path}; train it with python train.py "
                                   f"--compare, or pass head=None")
         head_cfg = config.get("head", {})
-        return cls(base, trained, config["diffusion"], strength=float(run_eval.get("strength", 1.0)),
+        return cls(base, trained, config["diffusion"], strength=run_eval.strength,
                    mode=head_cfg.get("mode", "additive"), mix_ratio=head_cfg.get("mix_ratio", 0.5),
-                   sampler=run_eval.get("sampler", "ddim"), num_inference_steps=run_eval.get("num_steps", 50),
+                   sampler=run_eval.sampler, num_inference_steps=run_eval.num_steps,
                    config=config, run_dir=run_dir, class_names=record.get("class_names"),
-                   guidance_scale=float(run_eval.get("guidance_scale", 1.0)),
-                   guidance_t_max=run_eval.get("guidance_t_max"),
-                   head_outside_cfg=bool(run_eval.get("head_outside_cfg", False)))
+                   guidance_scale=run_eval.guidance_scale, guidance_t_max=run_eval.guidance_t_max,
+                   head_outside_cfg=run_eval.head_outside_cfg)
 
     def model(self, strength: float | None = None) -> GuidedModel:
         """eps_theta + w G_psi as one callable (w = 0 or no head: the base model alone). A head told the

@@ -24,6 +24,7 @@ import torch
 
 from .checkpoint import (CheckpointError, list_checkpoints, load_state_into, load_tensors, optimizer_from_tensors,
                          optimizer_to_tensors, read_json_object, read_state, save_checkpoint)
+from .config import RunConfig, check_config
 
 STAGES = ("base", "losses", "groups", "head", "eval")
 LOSSES_FILES = ("losses.json", "losses.safetensors")          # written in this order; complete when all exist
@@ -39,6 +40,22 @@ class RunFolderError(ValueError):
 def complete(run_dir: Path, files: tuple[str, ...]) -> bool:
     """True when every output of a stage exists (a stage killed half-way is computed again)."""
     return all((run_dir / f).is_file() for f in files)
+
+
+def read_run_config(run_dir: Path) -> tuple[RunConfig, dict]:
+    """A run folder's config.json: its settings, checked (names, types, ranges), and the record saved beside
+    them (command, versions, class names). Anything else is a CheckpointError naming the file and the fix."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no config.json; pass a run folder made by train.py")
+    fix = "restore it from the command in its 'command' entry, or run train.py again into a new folder"
+    record = read_json_object(path, fix)
+    try:
+        cfg = RunConfig.from_dict(record.get("config"))
+        check_config(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}; {fix}") from None
+    return cfg, record
 
 
 def _related(a: Path, b: Path) -> str | None:

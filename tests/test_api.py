@@ -2,12 +2,14 @@
 the evaluation and sample.py sample, and a training stage logs metrics.jsonl that a resume keeps consistent."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
 
 from conftest import ROOT, run_script
 from invdiff_min import InvDiffPipeline
+from invdiff_min.checkpoint import CheckpointError
 from invdiff_min.evaluate import generate
 from invdiff_min.guidance import GuidedModel
 
@@ -48,6 +50,22 @@ def test_the_api_samples_what_the_evaluation_samples(runs):
         pipe(class_labels=[0], num_inference_steps=0)            # refused, not replaced by the default
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         pipe(class_labels=[0], batch_size=0)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("guidance_scale", "3", 'eval.guidance_scale must be a number, got "3"'),
+    ("head_outside_cfg", "false", "eval.head_outside_cfg must be true or"),
+    ("guidance_t_max", 5000, "eval.guidance_t_max must be at most")])
+def test_a_hand_edited_run_config_is_refused_naming_the_file_and_field(runs, tmp_path, field, value, says):
+    """A run's sampling settings are read checked: a string where a number goes is not silently used."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "runs" / "tiny", run)
+    record = json.loads((run / "config.json").read_text())
+    record["config"]["eval"][field] = value
+    (run / "config.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError) as e:
+        InvDiffPipeline.from_pretrained(run)
+    assert str(run / "config.json") in str(e.value) and says in str(e.value) and "\n" not in str(e.value)
 
 
 def test_stages_log_metrics_jsonl_consistent_with_the_checkpoint(runs):

@@ -140,7 +140,7 @@ def test_groups_inferred_from_other_losses_are_inferred_again(full_run, tmp_path
     (["--seed", "99999999999999999999"], "(--seed) must be a number in [0, 2,147,483,647]"),
     (["--set", "head.lam=-1"], "head.lam must be a number in [0, 1e+06]"),
     (["--set", "head.lamda=2"], "no field 'lamda' in head; fields: "),
-    (["--set", "losses.num_draws=many"], "--set losses.num_draws: \"many\" is not a int"),
+    (["--set", "losses.num_draws=many"], "--set losses.num_draws must be an integer, got \"many\""),
     (["--set", "losses.t_window=[900,1200]"], "losses.t_window must be [lo, hi) with 0 <= lo < hi <= 1000"),
     (["--set", "eval.guidance_t_max=1001"], "eval.guidance_t_max must be at most the 1000 training timesteps"),
     (["--set", "eval.guidance_t_max=-5"], "eval.guidance_t_max must be a number in [0, 100,000]"),
