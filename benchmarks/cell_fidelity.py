@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from invdiff_min import pipeline
-from invdiff_min.checkpoint import CheckpointError, load_unet, read_json
-from invdiff_min.config import RunConfig, apply_overrides, check_config, eval_overrides
+from invdiff_min.checkpoint import CheckpointError, load_unet
+from invdiff_min.config import with_eval
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
 from invdiff_min.guidance import load_head
+from invdiff_min.runs import read_run_config
 
 
 def cell_table(judge, images: torch.Tensor, labels: torch.Tensor, num_classes: int, num_values: int) -> dict:
@@ -92,20 +93,12 @@ def main() -> None:
     if len(set(args.heads)) < len(args.heads) or "base" in args.heads:
         raise SystemExit(f"error: --heads {' '.join(args.heads)}: each head folder once, and none named 'base'")
 
-    run_dir = Path(args.run)
-    if not (run_dir / "config.json").is_file():
-        raise SystemExit(f"error: {run_dir} has no config.json; pass a run folder made by train.py")
-    device = torch.device(args.device)
-    try:
-        cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
-    except (CheckpointError, ValueError, TypeError, KeyError) as e:
-        raise SystemExit(f"error: {run_dir}: {e}") from None
-    sampling = eval_overrides(guidance_scale=args.guidance_scale, guidance_t_max=args.guidance_t_max,
-                              head_outside_cfg=args.head_outside_cfg)
-    try:                                         # how every model is sampled
-        check_config(apply_overrides(cfg, sampling))
-    except ValueError as e:
-        raise SystemExit(f"error: {e} (from --guidance-scale / --guidance-t-max / --head-outside-cfg)") from None
+    run_dir, device = Path(args.run), torch.device(args.device)
+    try:                                         # the run's settings, sampled as the flags say (every model)
+        cfg = with_eval(read_run_config(run_dir)[0], guidance_scale=args.guidance_scale,
+                        guidance_t_max=args.guidance_t_max, head_outside_cfg=args.head_outside_cfg)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         base, _, _ = load_unet(run_dir, device)
     except (CheckpointError, ValueError, TypeError, KeyError) as e:

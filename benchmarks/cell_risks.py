@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from invdiff_min import amp
-from invdiff_min.checkpoint import CheckpointError, load_unet, read_json
-from invdiff_min.config import RunConfig
+from invdiff_min.checkpoint import CheckpointError, load_unet
 from invdiff_min.data import load_splits, to_model_range
 from invdiff_min.diffusion import denoising_loss
 from invdiff_min.guidance import GuidedModel, load_head
+from invdiff_min.runs import read_run_config
 from invdiff_min.scheduler import DDPMScheduler
 
 
@@ -66,9 +66,10 @@ def main() -> None:
         raise SystemExit(f"error: --bands must be at least two increasing timesteps from 0, got {args.bands}")
 
     run_dir = Path(args.run)
-    if not (run_dir / "config.json").is_file():
-        raise SystemExit(f"error: {run_dir} has no config.json; pass a run folder made by train.py")
-    cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
+    try:
+        cfg = read_run_config(run_dir)[0]
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     data = load_splits(cfg.data).train
     base, _, _ = load_unet(run_dir, "cpu")
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs())

@@ -39,13 +39,14 @@ from pathlib import Path
 import torch
 
 from invdiff_min import pipeline
-from invdiff_min.checkpoint import load_tensors, load_unet, read_json, save_tensors
-from invdiff_min.config import RunConfig, apply_overrides, check_config, eval_overrides
+from invdiff_min.checkpoint import CheckpointError, load_tensors, load_unet, read_json, save_tensors
+from invdiff_min.config import RunConfig, apply_overrides, check_config, with_eval
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
 from invdiff_min.groups import class_label_topk_groups, class_margin_groups, class_topk_groups, group_report
 from invdiff_min.groups import official_groups
 from invdiff_min.guidance import load_head
+from invdiff_min.runs import read_run_config
 
 VARIANTS = {  # name: (group source, batch sampling)
     "invdiff": ("invdiff", "balanced"),
@@ -162,7 +163,7 @@ def main() -> None:
 
     if args.merge:
         report = merge(args.merge)
-        cfg = RunConfig.from_dict(read_json(Path(report["run"]) / "config.json")["config"])
+        cfg = read_run_config(Path(report["run"]))[0]
         report["table"] = markdown_table(report, cfg.unet.num_classes)
         print(report["table"])
         if args.json:
@@ -172,13 +173,11 @@ def main() -> None:
     if not args.run:
         raise SystemExit("error: pass --run RUN (a train.py run folder), or --merge JSON ...")
     run_dir = Path(args.run)
-    cfg = RunConfig.from_dict(read_json(run_dir / "config.json")["config"])
-    sampling = eval_overrides(guidance_scale=args.guidance_scale, guidance_t_max=args.guidance_t_max,
-                              head_outside_cfg=args.head_outside_cfg)
-    try:                                         # how every model is sampled
-        check_config(apply_overrides(cfg, sampling))
-    except ValueError as e:
-        raise SystemExit(f"error: {e} (from --guidance-scale / --guidance-t-max / --head-outside-cfg)") from None
+    try:                                         # the run's settings, sampled as the flags say (every model)
+        cfg = with_eval(read_run_config(run_dir)[0], guidance_scale=args.guidance_scale,
+                        guidance_t_max=args.guidance_t_max, head_outside_cfg=args.head_outside_cfg)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     recipe = copy.deepcopy(cfg)
     if args.set:
         if not args.tag or any(not item.startswith(("head.", "groups.")) for item in args.set):

@@ -134,9 +134,12 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
                       (["--guidance-t-max", "1001"], "eval.guidance_t_max must be at most")):
         r = run("benchmarks/cell_fidelity.py", "--run", str(out), *bad)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr
-    # a benchmark recipe needs a folder of its own
-    r = run("benchmarks/debias.py", "--run", str(out), "--variants", "oracle", "--set", "head.lam=3")
-    assert r.returncode != 0 and "--tag" in r.stderr and "Traceback" not in r.stderr
+    # a benchmark recipe needs a folder of its own; a folder that is not a run and a bad flag are one line
+    for bad, says in ((["--run", str(out), "--variants", "oracle", "--set", "head.lam=3"], "--tag"),
+                      (["--run", str(tmp_path)], "has no config.json"),
+                      (["--run", str(out), "--guidance-t-max", "1001"], "(from --guidance-scale / --guidance-t-max")):
+        r = run("benchmarks/debias.py", *bad)
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     # groups.* settings regroup the variants grouped from the run's losses, and are refused for the others
     r = run("benchmarks/debias.py", "--run", str(out), "--variants", "invdiff", "--set", "groups.top_fraction=0.3",
             "--tag", "_tf")
