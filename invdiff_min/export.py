@@ -8,7 +8,8 @@ writes
                                   .safetensors)
     exports/cpu/scheduler/        its noise schedule: scheduler_config.json for diffusers' DDPMScheduler
     exports/cpu/guidance_head/    the head G_psi, a second UNet2DModel (not written with --head none)
-    exports/cpu/invdiff.json      how the two combine: mode, strength w, null label
+    exports/cpu/invdiff.json      how the two combine: mode, strength w, null label; how the run samples:
+                                  classifier-free guidance scale, interval, head inside or outside it
     exports/cpu/README.md         the same in words, with a diffusers snippet
 
 Our module names are diffusers' (see `unet.py`), so the base's config is `convert.py`'s mapping read backwards
@@ -37,8 +38,10 @@ from .checkpoint import (fingerprint, list_checkpoints, load_checkpoint, load_un
                          write_json)
 from .convert import (DIFFUSERS_FIXED, DIFFUSERS_TO_OURS, DOWN_BLOCKS, SCHEDULER_FIXED, UP_BLOCKS, check_input,
                       convert, diffusion_from_scheduler_config)
+from .config import EvalConfig
 from .errors import exit_on_error
 from .guidance import InvariantGuidance, load_head
+from .runs import read_run_config
 from .unet import UNet, UNetConfig
 
 EXPORT_FORMAT = "invdiff-min diffusers export"     # invdiff.json's "format": marks a folder --overwrite may replace
@@ -117,9 +120,14 @@ def load_run(run: str | Path, weights: str = "ema", head: str = "invdiff", stren
         raise ExportError(f"{base_ckpt / 'state.json'} has no config.diffusion (the noise schedule the scheduler "
                           f"config is made from); export a run made by train.py or python -m invdiff_min.convert")
     kept = weights if f"{weights}.safetensors" in base_state.get("files", []) else "model"   # load_unet's fallback
+    run_eval = (read_run_config(run)[0].eval if (run / "config.json").is_file() else
+                EvalConfig(strength=1.0))                  # a converted checkpoint: sampled plain, w = 1
     manifest = {"format": EXPORT_FORMAT, "source": str(run), "base_checkpoint": str(base_ckpt),
                 "base_weights": kept, "unet": "unet", "scheduler": "scheduler", "guidance_head": None,
-                "num_classes": base.config.num_classes, "null_label": base.null_label}
+                "num_classes": base.config.num_classes, "null_label": base.null_label,
+                "guidance_scale": 1.0, "guidance_t_max": None, "head_outside_cfg": False}
+    if base.config.num_classes is not None:               # how the run samples: classifier-free guidance
+        manifest.update(guidance_scale=run_eval.guidance_scale, guidance_t_max=run_eval.guidance_t_max)
     if head == "none":
         return RunModels(base, config["diffusion"], None, manifest)
 
@@ -137,11 +145,10 @@ def load_run(run: str | Path, weights: str = "ema", head: str = "invdiff", stren
                           f"the base alone")
     guidance, _ = load_head(run / head, base)               # checks the fingerprint against the EMA base too
     trained_with = head_state["config"]["head"]             # the head's mode and mix ratio
-    run_config = read_json(run / "config.json")["config"] if (run / "config.json").is_file() else head_state["config"]
-    w = run_config.get("eval", {}).get("strength", 1.0) if strength is None else strength   # as sample.py does
+    w = run_eval.strength if strength is None else strength   # as sample.py does
     manifest.update(guidance_head="guidance_head", head=head, head_checkpoint=str(head_ckpt),
                     head_weights="ema", mode=trained_with["mode"], strength=float(w),
-                    mix_ratio=trained_with["mix_ratio"])
+                    mix_ratio=trained_with["mix_ratio"], head_outside_cfg=run_eval.head_outside_cfg)
     if guidance.phi_group is not None:                      # a head told the sub-group: each sub-group's class
         manifest["head_groups"] = guidance.group_class.tolist()
     return RunModels(base, config["diffusion"], guidance, manifest)
@@ -172,7 +179,7 @@ Written by `python -m invdiff_min.export` from `{source}` (base: {base_weights} 
 |---|---|---|
 | `unet/` | the base eps_theta(x_t, t, y) | `UNet2DModel.from_pretrained` |
 | `scheduler/` | its training noise schedule | `DDPMScheduler.from_pretrained` |
-{head_row}| `invdiff.json` | mode, strength w, null label | `json.load` |
+{head_row}| `invdiff.json` | mode, strength w, null label, classifier-free guidance | `json.load` |
 
 {labels}
 {combine}
@@ -259,13 +266,36 @@ SNIPPET_BASE_ONLY = """
 @torch.no_grad()
 def eps_hat(x, t, y):                                # y (B,) labels, or None for an unconditional base
     return unet(x, t, class_labels=y).sample"""
+SNIPPET_CFG = """
+
+
+{load_info}s, t_max = info["guidance_scale"], info["guidance_t_max"]    # this run's classifier-free guidance
+
+
+@torch.no_grad()
+def eps_cfg(x, t, y):                                # guided at t < t_max only (t_max None: at every t)
+    if t_max is not None and t >= t_max:
+        return eps_hat(x, t, y)
+    eps_null = unet(x, t, class_labels=torch.full((len(x),), {null})).sample
+{cfg_return}"""
+CFG_RETURN = {
+    False: "    return eps_null + s * (eps_hat(x, t, y) - eps_null)",
+    True: "    eps_y = unet(x, t, class_labels={base_labels}).sample    # only the base is guided: the head's push\n"
+          "    return eps_null + s * (eps_y - eps_null) + (eps_hat(x, t, y) - eps_y)   # w G_psi is added outside",
+}
+CFG_TEXT = ("\nThis run samples with classifier-free guidance at scale s = {scale}{interval}, `eps_cfg` below "
+            "(`guidance_scale`, `guidance_t_max` and `head_outside_cfg` in invdiff.json):\n\n    {formula}\n")
+CFG_FORMULA = {False: "eps_cfg = eps_null + s * (eps_hat - eps_null)",
+               True: "eps_cfg = eps_null + s * (eps_theta(y) - eps_null) + w * G_psi   only the base is guided, the "
+                     "head's push is added outside"}
 SNIPPET_SAMPLE = """
+
 
 scheduler.set_timesteps(50)
 y = {labels}
 x = torch.randn({batch}, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 for t in scheduler.timesteps:
-    x = scheduler.step(eps_hat(x, t, y), t, x).prev_sample   # x in [-1, 1]"""
+    x = scheduler.step({eps}(x, t, y), t, x).prev_sample   # x in [-1, 1]"""
 
 
 def readme_text(name: str, manifest: dict) -> str:
@@ -283,16 +313,26 @@ def readme_text(name: str, manifest: dict) -> str:
         snippet += SNIPPET_HEAD.format(**fields, combine_line=COMBINE_LINE[m["mode"]])
     else:
         snippet += SNIPPET_BASE_ONLY
+    guided = k is not None and m.get("guidance_scale", 1.0) != 1.0       # classifier-free guidance when sampling
+    outside = head and m.get("head_outside_cfg", False)
+    if guided:
+        cfg_return = CFG_RETURN[outside].format(base_labels="group_class[y]" if groups else "y")
+        snippet += SNIPPET_CFG.format(null=m["null_label"], cfg_return=cfg_return, load_info="" if head else
+                                      'info = json.load(open(f"{folder}/invdiff.json"))\n')
     labels = "None" if k is None else f"torch.arange({k})"
     snippet += SNIPPET_SAMPLE.format(labels=f"draw_groups({labels})" if groups else labels,
-                                     batch=4 if k is None else "len(y)")
+                                     batch=4 if k is None else "len(y)", eps="eps_cfg" if guided else "eps_hat")
+    combine = ((COMBINE_GROUPS if groups else COMBINE)[m["mode"]].format(**m) if head else
+               "No guidance head was exported (--head none).\n")
+    if guided:
+        t_max = m.get("guidance_t_max")
+        combine += CFG_TEXT.format(scale=m["guidance_scale"], formula=CFG_FORMULA[outside], interval="" if
+                                   t_max is None else f" at t < {t_max} only (eps_hat alone at the other steps)")
     return README.format(
         name=name, source=m["source"], base_weights=m["base_weights"], snippet=snippet,
         head_note=f"; head: {m['head']}, its EMA weights" if head else "; no head",
         head_row="" if not head else HEAD_ROW_GROUPS if groups else HEAD_ROW,
-        labels="" if k is None else (LABELS_GROUPS if groups else LABELS).format(**fields),
-        combine=(COMBINE_GROUPS if groups else COMBINE)[m["mode"]].format(**m) if head else
-        "No guidance head was exported (--head none).\n")
+        labels="" if k is None else (LABELS_GROUPS if groups else LABELS).format(**fields), combine=combine)
 
 
 def is_export(folder: Path) -> bool:

@@ -16,6 +16,7 @@ import torch
 from invdiff_min.checkpoint import fingerprint, save_checkpoint, write_json
 from invdiff_min.config import DiffusionConfig, get_preset
 from invdiff_min.convert import convert, read_source
+from invdiff_min.diffusion import cfg_eps
 from invdiff_min.export import export_run, main
 from invdiff_min.guidance import GuidedModel, InvariantGuidance
 from invdiff_min.scheduler import DDPMScheduler
@@ -56,11 +57,15 @@ def randomized(module, seed: int):
     return module.eval()
 
 
-def make_run(folder: Path, mode: str = "additive", seed: int = 0, group_class: list[int] | None = None):
+def make_run(folder: Path, mode: str = "additive", seed: int = 0, group_class: list[int] | None = None,
+             **sampling):
     """A run folder as train.py leaves it: base/ (raw and EMA weights), invdiff/ (the head, its EMA; told the
-    sub-group when `group_class` lists their classes) and config.json. Returns (run, base EMA, base raw, head)."""
+    sub-group when `group_class` lists their classes) and config.json; `sampling`: eval fields (guidance_scale=3).
+    Returns (run, base EMA, base raw, head)."""
     cfg = get_preset("tiny")
     cfg.unet, cfg.diffusion, cfg.eval.strength, cfg.head.mode = BASE, DIFFUSION, STRENGTH, mode
+    for name, value in sampling.items():
+        setattr(cfg.eval, name, value)
     ema, raw = randomized(UNet(BASE), seed), randomized(UNet(BASE), seed + 1)
     h = cfg.head
     head = (InvariantGuidance.copy_of(ema, group_class) if mode == "mix" else
@@ -204,6 +209,47 @@ def test_a_head_told_the_sub_group_exports_and_the_readme_draws_sub_groups(tmp_p
             assert relative_diff(head(x, t, g), ref(x, t, class_labels=g).sample) < RTOL
             assert relative_diff(guided(x, t, g), names["eps_hat"](x, t, g)) < RTOL
         assert relative_diff(head(x, t, torch.tensor([2, 3])), head(x, t, torch.tensor([3, 2]))) > 1e-3
+
+
+@pytest.mark.parametrize("outside, group_class", [(False, None), (True, None), (True, [0, 0, 1, 1, 1]),
+                                                  (False, [0, 1])])
+def test_a_run_sampled_with_class_guidance_exports_it(tmp_path, monkeypatch, outside, group_class):
+    """A run whose evaluation uses classifier-free guidance (scale, interval, the head inside or outside it):
+    invdiff.json records it and the README's eps_cfg, in diffusers, is what our sampler calls at each step."""
+    run, base, _, head = make_run(tmp_path / "run", seed=9, group_class=group_class, guidance_scale=3.0,
+                                  guidance_t_max=500, head_outside_cfg=outside)
+    manifest, _ = export_run(run, tmp_path / "out")
+    assert (manifest["guidance_scale"], manifest["guidance_t_max"], manifest["head_outside_cfg"]) == (3.0, 500, outside)
+    names = readme_snippet(tmp_path / "out", monkeypatch)
+    assert names["x"].isfinite().all()
+    guided = GuidedModel(base, head, STRENGTH, head_outside_cfg=outside)
+    x, _, _ = inputs(6)
+    labels = torch.tensor([0, 1]) if group_class is None else torch.tensor([1, len(group_class) - 1])
+    null = torch.full((2,), guided.null_label)
+    with torch.no_grad():
+        for t, expected in ((3, cfg_eps(guided, x, torch.full((2,), 3), labels, null, 3.0)),
+                            (871, guided(x, torch.full((2,), 871), labels))):       # t >= t_max: not guided
+            assert relative_diff(expected, names["eps_cfg"](x, torch.tensor(t), labels)) < RTOL, t
+        unguided = guided(x, torch.full((2,), 3), labels)
+        assert relative_diff(unguided, names["eps_cfg"](x, torch.tensor(3), labels)) > 1e-2
+    assert "classifier-free guidance at scale s = 3.0 at t < 500 only" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_the_base_alone_of_a_guided_run_exports_its_class_guidance(tmp_path, monkeypatch):
+    run, base, _, _ = make_run(tmp_path / "run", seed=11, guidance_scale=2.0)
+    export_run(run, tmp_path / "out", head="none")
+    names = readme_snippet(tmp_path / "out", monkeypatch)
+    x, _, _ = inputs(7)
+    y, t = torch.tensor([1, 0]), torch.full((2,), 871)
+    with torch.no_grad():
+        expected = cfg_eps(base, x, t, y, torch.full((2,), base.null_label), 2.0)
+        assert relative_diff(expected, names["eps_cfg"](x, torch.tensor(871), y)) < RTOL
+
+
+def test_a_run_sampled_plainly_exports_no_class_guidance(exported):
+    manifest, out = exported[5], exported[1]
+    assert (manifest["guidance_scale"], manifest["guidance_t_max"], manifest["head_outside_cfg"]) == (1.0, None, False)
+    assert "eps_cfg" not in (out / "README.md").read_text()
 
 
 # ----- back in: export -> convert ------------------------------------------------------------------------
