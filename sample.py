@@ -27,7 +27,7 @@ import torch
 
 from invdiff_min import amp
 from invdiff_min.checkpoint import save_tensors, write_json
-from invdiff_min.config import pick_device
+from invdiff_min.config import add_sampling_flags, pick_device
 from invdiff_min.errors import exit_on_error
 from invdiff_min.inference import InvDiffPipeline, save_png_folder
 from invdiff_min.plots import save_grid, save_report
@@ -69,15 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help="number of sampling steps (any 1..T); default: the run's evaluation steps (50 outside a run)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 stronger; "
-                        "default: the run's eval.guidance_scale (1 outside a run)")
-    p.add_argument("--guidance-t-max", type=int, default=None,
-                   help="class guidance only at timesteps t below this (a guidance interval); default: the run's "
-                        "eval.guidance_t_max (every t)")
-    p.add_argument("--head-outside-cfg", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the head's push w G_psi outside the class guidance instead of inside its conditional "
-                        "branch; default: the run's eval.head_outside_cfg (off)")
+    add_sampling_flags(p)                        # --guidance-scale, --guidance-t-max, --head-outside-cfg
     p.add_argument("--strength", type=float, default=None,
                    help="InvDiff guidance strength w (0 = base model); default: the run's eval.strength, the w its "
                         "summary reports (it goes with the run's sampler and steps)")

@@ -25,7 +25,7 @@ import torch
 
 from invdiff_min import pipeline
 from invdiff_min.checkpoint import CheckpointError, load_unet
-from invdiff_min.config import with_eval
+from invdiff_min.config import add_sampling_flags, with_eval
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
 from invdiff_min.guidance import load_head
@@ -75,12 +75,7 @@ def main() -> None:
     p.add_argument("--heads", nargs="*", default=[], help="head folders trained on the run's base")
     p.add_argument("--strength", type=float, default=None, help="w of every head (default: the run's)")
     p.add_argument("--n-per-class", type=int, default=None, help="default: the run's eval.n_per_class")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale s of every model, base included (default: the run's)")
-    p.add_argument("--guidance-t-max", type=int, default=None,
-                   help="class guidance only at t below this, every model (default: the run's eval.guidance_t_max)")
-    p.add_argument("--head-outside-cfg", action=argparse.BooleanOptionalAction, default=None,
-                   help="the heads' push outside the class guidance (default: the run's eval.head_outside_cfg)")
+    add_sampling_flags(p)                        # --guidance-scale, --guidance-t-max, --head-outside-cfg (every model)
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()

@@ -40,7 +40,7 @@ import torch
 
 from invdiff_min import pipeline
 from invdiff_min.checkpoint import CheckpointError, load_tensors, load_unet, read_json, save_tensors
-from invdiff_min.config import RunConfig, apply_overrides, check_config, with_eval
+from invdiff_min.config import RunConfig, add_sampling_flags, apply_overrides, check_config, with_eval
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
 from invdiff_min.groups import class_label_topk_groups, class_margin_groups, class_topk_groups, group_report
@@ -145,12 +145,7 @@ def main() -> None:
     p.add_argument("--n-per-class", type=int, default=None, help="default: the run's eval.n_per_class")
     p.add_argument("--head-steps", type=int, default=None,
                    help="train every head to this many steps (default: the run's); shorter heads are continued")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale s of every model, base included (default: the run's)")
-    p.add_argument("--guidance-t-max", type=int, default=None,
-                   help="class guidance only at t below this, every model (default: the run's eval.guidance_t_max)")
-    p.add_argument("--head-outside-cfg", action=argparse.BooleanOptionalAction, default=None,
-                   help="the heads' push outside the class guidance (default: the run's eval.head_outside_cfg)")
+    add_sampling_flags(p)                        # --guidance-scale, --guidance-t-max, --head-outside-cfg (every model)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="train the heads with this head setting instead of the run's, or group with this groups "
                         "setting (the variants grouped here only); repeatable; needs --tag")

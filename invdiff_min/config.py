@@ -6,6 +6,7 @@ their settings here too, with the official code's values named next to our defau
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -173,6 +174,19 @@ def _from_dict(cls, d: dict, where: str = ""):
         else:
             kwargs[name] = _fit(value, hints[name], path)
     return cls(**kwargs)
+
+
+def add_sampling_flags(parser) -> None:
+    """A script's flags over the run's classifier-free guidance (None: the run's); apply them with `with_eval`."""
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale s: 1 = plain conditional, 0 = unconditional, > 1 "
+                             "stronger (default: the run's eval.guidance_scale; 1 outside a run)")
+    parser.add_argument("--guidance-t-max", type=int, default=None,
+                        help="class guidance only at timesteps t below this, a guidance interval (default: the "
+                             "run's eval.guidance_t_max; every t)")
+    parser.add_argument("--head-outside-cfg", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the head's push w G_psi outside the class guidance instead of inside its "
+                             "conditional branch (default: the run's eval.head_outside_cfg; off)")
 
 
 def with_eval(cfg: RunConfig, **values) -> RunConfig:
