@@ -177,10 +177,12 @@ def _from_dict(cls, d: dict, where: str = ""):
 
 
 def add_sampling_flags(parser) -> None:
-    """A script's flags over the run's classifier-free guidance (None: the run's); apply them with `with_eval`."""
+    """A script's flags over the run's classifier-free guidance of every model it samples (None: the run's);
+    apply them with `with_eval`."""
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance scale s: 1 = plain conditional, 0 = unconditional, > 1 "
-                             "stronger (default: the run's eval.guidance_scale; 1 outside a run)")
+                        help="classifier-free guidance scale s of every model sampled: 1 = plain conditional, "
+                             "0 = unconditional, > 1 stronger (default: the run's eval.guidance_scale; 1 for a "
+                             "checkpoint outside a run)")
     parser.add_argument("--guidance-t-max", type=int, default=None,
                         help="class guidance only at timesteps t below this, a guidance interval (default: the "
                              "run's eval.guidance_t_max; every t)")
@@ -190,8 +192,8 @@ def add_sampling_flags(parser) -> None:
 
 
 def with_eval(cfg: RunConfig, **values) -> RunConfig:
-    """`cfg` with a script's sampling flags (eval fields; None keeps the run's), e.g. guidance_scale=3, then
-    checked as a whole; a ValueError names the flag."""
+    """Set a script's sampling flags on `cfg` in place (eval fields; None keeps the run's), e.g. guidance_scale=3,
+    then check the whole config (a ValueError names the flags); returns `cfg`."""
     flags = {name: "--" + name.replace("_", "-") for name in values}
     for name, value in values.items():
         if value is not None:
@@ -253,7 +255,7 @@ def _fit(value, hint, where: str):
             return value
         if origin is dict and isinstance(value, dict):
             return value
-        if origin is tuple and isinstance(value, list):
+        if origin is tuple and isinstance(value, (list, tuple)):
             args = typing.get_args(option)
             inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
             if inner is None and len(args) != len(value):
@@ -264,7 +266,9 @@ def _fit(value, hint, where: str):
 
 def _kind(hint) -> str:
     """A config field's type in words, for error messages."""
-    origin = typing.get_origin(hint) or hint
+    origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
             tuple: "a list", type(None): "null"}.get(origin, str(hint))
 
