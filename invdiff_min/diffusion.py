@@ -118,8 +118,8 @@ def sample(model: EpsModel, scheduler: _NoiseSchedule, shape: tuple[int, ...], l
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
         if guidance_scale == 1.0 or (guidance_t_max is not None and t >= guidance_t_max):
             eps = model(x, tt, labels)
-        elif guidance_scale == 0.0:
-            eps = model(x, tt, null)
+        elif guidance_scale == 0.0 and not getattr(model, "head_outside_cfg", False):
+            eps = model(x, tt, null)                 # (the head outside the guidance still pushes at s = 0)
         else:
             eps = cfg_eps(model, x, tt, labels, null, guidance_scale)
         noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None

@@ -221,6 +221,30 @@ def test_head_outside_cfg_adds_the_unscaled_push_to_the_base_s_class_guidance(gr
         GuidedModel(base, head, w, mode="mix", head_outside_cfg=True)
 
 
+def test_at_scale_0_the_sampler_keeps_the_push_of_a_head_outside_the_guidance():
+    """s = 0 is the unconditional model; with the head outside the guidance w G_psi(y) is still added (w means the
+    same at every s), so the sampler's s = 0 shortcut (one call on the null label) is taken only with it inside."""
+    from invdiff_min.config import DiffusionConfig
+    from invdiff_min.diffusion import make_sampler, sample
+
+    base, head = base_and_head()
+    torch.nn.init.normal_(head.net.conv_out.weight, std=0.1)
+    w, labels = 1.5, torch.tensor([0, 1])
+    null = torch.full((2,), base.null_label)
+
+    def push_on_unconditional(x, t, y):          # eps_theta(null) + w G_psi(y), the formula at s = 0
+        return base(x, t, null) + w * head(x, t, y)
+
+    def draw(model, scale):
+        scheduler = make_sampler("ddim", DiffusionConfig().scheduler_kwargs())
+        return sample(model, scheduler, (2, 3, 16, 16), labels, 3, guidance_scale=scale, null_label=base.null_label,
+                      generator=torch.Generator().manual_seed(0))
+
+    outside = draw(GuidedModel(base, head, w, head_outside_cfg=True), 0.0)
+    assert (outside - draw(push_on_unconditional, 1.0)).abs().max() < 1e-4      # batched vs separate calls
+    assert torch.equal(draw(GuidedModel(base, head, w), 0.0), draw(base, 0.0))        # inside: the base on null
+
+
 def test_the_api_draws_new_sub_groups_as_its_generator_is_used_and_leaves_the_noise_alone():
     from invdiff_min.inference import follower
 
