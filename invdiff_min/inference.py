@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import amp
-from .checkpoint import CheckpointError, list_checkpoints, load_unet
+from .checkpoint import CheckpointError, list_checkpoints, load_unet, read_json_object
 from .config import EvalConfig
 from .data import from_model_range
 from .diffusion import make_sampler, sample
@@ -43,11 +43,19 @@ class InvDiffOutput:
 
 
 def find_run_dir(path: Path) -> Path | None:
-    """The run folder above a checkpoint (the one holding config.json), if any."""
+    """The run folder above a checkpoint (the one holding a run's config.json), if any. A config.json without
+    a "config" object is another program's (a diffusers model folder's, say), not a run's."""
     for p in [path, *path.parents]:
-        if (p / "config.json").is_file():
+        if (p / "config.json").is_file() and _holds_run_config(p / "config.json"):
             return p
     return None
+
+
+def _holds_run_config(path: Path) -> bool:
+    try:
+        return isinstance(read_json_object(path).get("config"), dict)
+    except CheckpointError:
+        return True                              # a damaged run config: read_run_config names the file
 
 
 class InvDiffPipeline:

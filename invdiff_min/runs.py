@@ -48,8 +48,10 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} has no config.json; pass a run folder made by train.py")
-    fix = "restore it from the command in its 'command' entry, or run train.py again into a new folder"
+    fix = "restore it, or run train.py again into a new folder"
     record = read_json_object(path, fix)
+    if not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{path} is not a run config (no 'config' object); {fix}")
     try:
         cfg = RunConfig.from_dict(record.get("config"))
         check_config(cfg)

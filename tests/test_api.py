@@ -68,6 +68,15 @@ def test_a_hand_edited_run_config_is_refused_naming_the_file_and_field(runs, tmp
     assert str(run / "config.json") in str(e.value) and says in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_checkpoint_under_another_program_s_config_json_loads_as_a_bare_checkpoint(runs, tmp_path):
+    """A config.json without a "config" object (a diffusers model folder's, say) does not make a run folder."""
+    folder = tmp_path / "diffusers_model"
+    shutil.copytree(runs / "runs" / "tiny" / "base", folder / "ours")
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 16}))
+    pipe = InvDiffPipeline.from_pretrained(folder / "ours")
+    assert pipe.run_dir is None and pipe.head is None and pipe.strength == 1.0
+
+
 def test_stages_log_metrics_jsonl_consistent_with_the_checkpoint(runs):
     lines = [json.loads(s) for s in (runs / "runs" / "tiny" / "base" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in lines] == list(range(1, 31))
