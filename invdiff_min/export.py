@@ -38,7 +38,7 @@ from .checkpoint import (fingerprint, list_checkpoints, load_checkpoint, load_un
                          write_json)
 from .convert import (DIFFUSERS_FIXED, DIFFUSERS_TO_OURS, DOWN_BLOCKS, SCHEDULER_FIXED, UP_BLOCKS, check_input,
                       convert, diffusion_from_scheduler_config)
-from .config import EvalConfig
+from .config import EvalConfig, RunConfig
 from .errors import exit_on_error
 from .guidance import InvariantGuidance, load_head
 from .runs import read_run_config
@@ -121,7 +121,7 @@ def load_run(run: str | Path, weights: str = "ema", head: str = "invdiff", stren
                           f"config is made from); export a run made by train.py or python -m invdiff_min.convert")
     kept = weights if f"{weights}.safetensors" in base_state.get("files", []) else "model"   # load_unet's fallback
     run_eval = (read_run_config(run)[0].eval if (run / "config.json").is_file() else
-                EvalConfig(strength=1.0))                  # a converted checkpoint: sampled plain, w = 1
+                EvalConfig(strength=1.0))                  # no run config (a converted checkpoint): sampled plain
     manifest = {"format": EXPORT_FORMAT, "source": str(run), "base_checkpoint": str(base_ckpt),
                 "base_weights": kept, "unet": "unet", "scheduler": "scheduler", "guidance_head": None,
                 "num_classes": base.config.num_classes, "null_label": base.null_label,
@@ -145,6 +145,8 @@ def load_run(run: str | Path, weights: str = "ema", head: str = "invdiff", stren
                           f"the base alone")
     guidance, _ = load_head(run / head, base)               # checks the fingerprint against the EMA base too
     trained_with = head_state["config"]["head"]             # the head's mode and mix ratio
+    if not (run / "config.json").is_file():                 # the run's settings as the head saved them
+        run_eval = RunConfig.from_dict(head_state["config"]).eval
     w = run_eval.strength if strength is None else strength   # as sample.py does
     manifest.update(guidance_head="guidance_head", head=head, head_checkpoint=str(head_ckpt),
                     head_weights="ema", mode=trained_with["mode"], strength=float(w),
@@ -286,8 +288,8 @@ CFG_RETURN = {
 CFG_TEXT = ("\nThis run samples with classifier-free guidance at scale s = {scale}{interval}, `eps_cfg` below "
             "(`guidance_scale`, `guidance_t_max` and `head_outside_cfg` in invdiff.json):\n\n    {formula}\n")
 CFG_FORMULA = {False: "eps_cfg = eps_null + s * (eps_hat - eps_null)",
-               True: "eps_cfg = eps_null + s * (eps_theta(y) - eps_null) + w * G_psi   only the base is guided, the "
-                     "head's push is added outside"}
+               True: "eps_cfg = eps_null + s * (eps_theta({y}) - eps_null) + w * G_psi   only the base is guided, "
+                     "the head's push is added outside"}
 SNIPPET_SAMPLE = """
 
 
@@ -313,7 +315,8 @@ def readme_text(name: str, manifest: dict) -> str:
         snippet += SNIPPET_HEAD.format(**fields, combine_line=COMBINE_LINE[m["mode"]])
     else:
         snippet += SNIPPET_BASE_ONLY
-    guided = k is not None and m.get("guidance_scale", 1.0) != 1.0       # classifier-free guidance when sampling
+    guided = (k is not None and m.get("guidance_scale", 1.0) != 1.0    # classifier-free guidance when sampling
+              and m.get("guidance_t_max") != 0)
     outside = head and m.get("head_outside_cfg", False)
     if guided:
         cfg_return = CFG_RETURN[outside].format(base_labels="group_class[y]" if groups else "y")
@@ -326,7 +329,8 @@ def readme_text(name: str, manifest: dict) -> str:
                "No guidance head was exported (--head none).\n")
     if guided:
         t_max = m.get("guidance_t_max")
-        combine += CFG_TEXT.format(scale=m["guidance_scale"], formula=CFG_FORMULA[outside], interval="" if
+        formula = CFG_FORMULA[outside].format(y="class(g)" if groups else "y")
+        combine += CFG_TEXT.format(scale=m["guidance_scale"], formula=formula, interval="" if
                                    t_max is None else f" at t < {t_max} only (eps_hat alone at the other steps)")
     return README.format(
         name=name, source=m["source"], base_weights=m["base_weights"], snippet=snippet,

@@ -235,6 +235,19 @@ def test_a_run_sampled_with_class_guidance_exports_it(tmp_path, monkeypatch, out
     assert "classifier-free guidance at scale s = 3.0 at t < 500 only" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_scale_0_with_the_head_outside_and_t_max_0_export_what_the_sampler_does(tmp_path, monkeypatch):
+    run, base, _, head = make_run(tmp_path / "run", seed=12, guidance_scale=0.0, head_outside_cfg=True)
+    export_run(run, tmp_path / "out")
+    names = readme_snippet(tmp_path / "out", monkeypatch)
+    x, t, y = inputs(8)[0], torch.tensor(871), torch.tensor([0, 1])
+    with torch.no_grad():                            # s = 0, head outside: eps_theta(null) + w G_psi(y)
+        expected = base(x, t.expand(2), torch.full((2,), 2)) + STRENGTH * head(x, t.expand(2), y)
+        assert relative_diff(expected, names["eps_cfg"](x, t, y)) < RTOL
+    run, *_ = make_run(tmp_path / "run0", seed=12, guidance_scale=3.0, guidance_t_max=0)
+    export_run(run, tmp_path / "out0")               # guided at t < 0: never, so no eps_cfg
+    assert "eps_cfg" not in (tmp_path / "out0" / "README.md").read_text()
+
+
 def test_the_base_alone_of_a_guided_run_exports_its_class_guidance(tmp_path, monkeypatch):
     run, base, _, _ = make_run(tmp_path / "run", seed=11, guidance_scale=2.0)
     export_run(run, tmp_path / "out", head="none")
