@@ -92,7 +92,7 @@ def main() -> None:
     try:                                         # the run's settings, sampled as the flags say (every model)
         cfg = with_eval(read_run_config(run_dir)[0], guidance_scale=args.guidance_scale,
                         guidance_t_max=args.guidance_t_max, head_outside_cfg=args.head_outside_cfg)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     try:
         base, _, _ = load_unet(run_dir, device)

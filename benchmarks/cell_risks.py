@@ -68,7 +68,7 @@ def main() -> None:
     run_dir = Path(args.run)
     try:
         cfg = read_run_config(run_dir)[0]
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     data = load_splits(cfg.data).train
     base, _, _ = load_unet(run_dir, "cpu")

@@ -158,7 +158,10 @@ def main() -> None:
 
     if args.merge:
         report = merge(args.merge)
-        cfg = read_run_config(Path(report["run"]))[0]
+        try:
+            cfg = read_run_config(Path(report["run"]))[0]
+        except (CheckpointError, OSError) as e:
+            raise SystemExit(f"error: --merge {args.merge[0]}: its run folder: {e}") from None
         report["table"] = markdown_table(report, cfg.unet.num_classes)
         print(report["table"])
         if args.json:
@@ -171,7 +174,7 @@ def main() -> None:
     try:                                         # the run's settings, sampled as the flags say (every model)
         cfg = with_eval(read_run_config(run_dir)[0], guidance_scale=args.guidance_scale,
                         guidance_t_max=args.guidance_t_max, head_outside_cfg=args.head_outside_cfg)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     recipe = copy.deepcopy(cfg)
     if args.set:
