@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from invdiff_min import pipeline
+from invdiff_min import distributed, pipeline
 from invdiff_min.checkpoint import fingerprint, list_checkpoints, load_tensors, load_unet
 from invdiff_min.config import get_preset
 from invdiff_min.data import make_dataset
@@ -136,11 +136,13 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: Path, base_ckpt:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    ok = False
     try:
         one_step(run_dir, None)               # the base UNet: DDP, each rank on its half of the batch
         one_step(run_dir, base_ckpt)          # the head, on the single-process base (same fingerprint)
+        ok = True
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.cleanup(ok)               # the library's teardown: all ranks leave together
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -179,8 +181,6 @@ def test_one_step_on_two_ranks_with_half_batches_equals_one_step_on_the_whole_ba
 def test_more_cuda_processes_than_gpus_is_a_clear_error(monkeypatch):
     """torchrun --nproc_per_node 2 on a 1-GPU machine: name the mismatch and the fix, not 'invalid device ordinal'
     from inside CUDA (seen on an H200 machine)."""
-    from invdiff_min import distributed
-
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
