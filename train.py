@@ -140,7 +140,6 @@ def train(argv: list[str]) -> int:
                      stage=args.stage, has_base=base_path is not None, heads=heads)
     device = dist.init(pick_device(args.device))   # under torchrun: join the others; cuda:LOCAL_RANK on CUDA
     cfg.train.precision, why = amp.resolve(cfg.train.precision, device)   # "auto" made concrete, recorded
-    ok = False
     try:
         if not dist.is_main():
             dist.barrier()                          # rank 0 first: a real dataset decodes and caches once
@@ -164,9 +163,8 @@ def train(argv: list[str]) -> int:
         if summary is not None:
             print("\n" + pipeline.summary_table(summary))
             print(f"\nsummary {run_dir / 'summary.json'}, samples {run_dir / 'samples.png'}")
-        ok = True
     finally:
-        dist.cleanup(ok)
+        dist.cleanup()
     return 0
 
 

@@ -42,13 +42,8 @@ def init(device: torch.device, timeout_minutes: int = 60) -> torch.device:
     return device
 
 
-def cleanup(ok: bool = True) -> None:
-    """Leave the process group. After a run that went well (`ok`), all processes leave together: rank 0 hosts
-    the group's store, and a rank still talking to it when rank 0 tears it down aborts ("terminate called
-    without an active exception"). After an error, no barrier: the others may never reach it (a hang)."""
+def cleanup() -> None:
     if dist.is_initialized():
-        if ok:
-            dist.barrier()
         dist.destroy_process_group()
 
 

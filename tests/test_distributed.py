@@ -142,7 +142,9 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: Path, base_ckpt:
         one_step(run_dir, base_ckpt)          # the head, on the single-process base (same fingerprint)
         ok = True
     finally:
-        distributed.cleanup(ok)               # the library's teardown: all ranks leave together
+        if ok:                                # leave together (CI once saw rank 1 abort when it left first);
+            torch.distributed.barrier()       # not after an error: the other rank may never get here
+        distributed.cleanup()
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
