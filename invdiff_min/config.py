@@ -14,7 +14,9 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
+from .amp import PRECISIONS
 from .data import DataConfig
+from .scheduler import BETA_SCHEDULES, DDPMScheduler
 from .unet import UNetConfig
 
 
@@ -181,8 +183,8 @@ def add_sampling_flags(parser) -> None:
     apply them with `with_eval`."""
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance scale s of every model sampled: 1 = plain conditional, "
-                             "0 = unconditional, > 1 stronger (default: the run's eval.guidance_scale; 1 for a "
-                             "checkpoint outside a run)")
+                             "0 = the null-label model (plus the head's push when it is outside), > 1 stronger "
+                             "(default: the run's eval.guidance_scale; 1 for a checkpoint outside a run)")
     parser.add_argument("--guidance-t-max", type=int, default=None,
                         help="class guidance only at timesteps t below this, a guidance interval (default: the "
                              "run's eval.guidance_t_max; every t)")
@@ -194,14 +196,13 @@ def add_sampling_flags(parser) -> None:
 def with_eval(cfg: RunConfig, **values) -> RunConfig:
     """Set a script's sampling flags on `cfg` in place (eval fields; None keeps the run's), e.g. guidance_scale=3,
     then check the whole config (a ValueError names the flags); returns `cfg`."""
-    flags = {name: "--" + name.replace("_", "-") for name in values}
-    for name, value in values.items():
-        if value is not None:
-            setattr(cfg.eval, name, _fit(value, typing.get_type_hints(EvalConfig)[name], flags[name]))
+    flags = {name: "--" + name.replace("_", "-") for name, value in values.items() if value is not None}
+    for name, flag in flags.items():
+        setattr(cfg.eval, name, _fit(values[name], typing.get_type_hints(EvalConfig)[name], flag))
     try:
         check_config(cfg)
     except ValueError as e:
-        raise ValueError(f"{e} (from {' / '.join(flags.values())})") from None
+        raise ValueError(f"{e} (from {' / '.join(flags.values())})" if flags else str(e)) from None
     return cfg
 
 
@@ -280,6 +281,13 @@ MAX_SAMPLES = 10_000_000
 GROUP_METHODS = ("class_topk", "class_margin", "class_label_topk", "official")
 HEAD_CONDITIONS = ("class", "class_group")   # what Phi of the guidance head reads (HeadConfig.condition)
 PROFILE_METHODS = ("class_margin", "class_label_topk")   # group methods that read the label profile
+CHOICES = {  # "section.field": the words it may hold (each read where the run uses it, often after training)
+    "groups.method": GROUP_METHODS, "head.condition": HEAD_CONDITIONS, "head.lr_schedule": ("constant", "cosine"),
+    "head.mode": ("additive", "mix"), "head.batch_sampling": ("balanced", "uniform"),
+    "losses.target": ("eps", "x0"), "losses.reference": ("null", "none"), "eval.sampler": ("ddim", "ddpm"),
+    "train.precision": tuple(PRECISIONS), "diffusion.beta_schedule": BETA_SCHEDULES,
+    "diffusion.variance_type": DDPMScheduler.VARIANCE_TYPES,
+}
 FLAG = {"train.steps": "--steps", "head.steps": "--head-steps", "train.lr": "--lr", "head.lr": "--head-lr",
         "data.resolution": "--resolution", "data.num_samples": "--num-samples", "data.seed": "--data-seed",
         "data.aligned_fraction": "--aligned-fraction", "train.seed": "--seed"}
@@ -296,6 +304,7 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "losses.profile_draws": (0, 10_000, "draws of the label profile (0 = off)"),
     "groups.min_subgroup": (0.0, 1.0, "a share of a high-loss group"),
     "head.many_classes_width": (1, 16, "a whole multiple of the head's channels"),
+    "unet.layers_per_block": (1, 64, "ResNet blocks per level"), "head.layers_per_block": (1, 64, "ResNet blocks"),
     "head.large_t_share": (0.0, 1.0, "a share of the head's t draws"),
     "data.resolution": (8, MAX_SIDE, "the image side; memory grows with its square"),
     "data.num_samples": (2, MAX_SAMPLES, "training images"), "eval.n_per_class": (1, 100_000, "samples per class"),
@@ -307,8 +316,9 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Refuse a number no run can use, naming the field (and its flag) and the range with its reason; and
-    the combinations that cannot work (an image side the UNet cannot halve, a t window outside [0, T))."""
+    """Refuse a number no run can use, naming the field (and its flag) and the range with its reason; a word
+    that is not one of the field's choices; and the combinations that cannot work (an image side the UNet
+    cannot halve, a t window outside [0, T), a width GroupNorm cannot split)."""
     for key, (low, high, why) in RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -319,6 +329,12 @@ def check_config(cfg: RunConfig) -> None:
             where = f"{key}" + (f" ({FLAG[key]})" if key in FLAG else "")
             span = f"{low:,}, {high:,}" if isinstance(low, int) and isinstance(high, int) else f"{low:g}, {high:g}"
             raise ValueError(f"{where} must be a number in [{span}] ({why}), got {value!r}")
+    for name, net in (("unet", cfg.unet), ("head", cfg.head)):   # the base's and the head's widths, built now
+        try:
+            UNetConfig(block_out_channels=net.block_out_channels, attention_levels=net.attention_levels,
+                       norm_num_groups=net.norm_num_groups)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     f = cfg.unet.downsample_factor
     if cfg.data.resolution % f:
         raise ValueError(f"data.resolution (--resolution) {cfg.data.resolution} must be a multiple of {f}: the UNet "
@@ -327,15 +343,14 @@ def check_config(cfg: RunConfig) -> None:
     window = cfg.losses.t_window
     if window is not None and not (len(window) == 2 and 0 <= window[0] < window[1] <= T):
         raise ValueError(f"losses.t_window must be [lo, hi) with 0 <= lo < hi <= {T}, got {list(window)}")
-    if cfg.groups.method not in GROUP_METHODS:
-        raise ValueError(f"groups.method must be one of {', '.join(GROUP_METHODS)}, got {cfg.groups.method!r}")
+    for key, words in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in words:
+            raise ValueError(f"{key} must be one of {', '.join(words)}, got {value!r}")
     if cfg.groups.method in PROFILE_METHODS and cfg.losses.profile_draws == 0:
         raise ValueError(f"groups.method {cfg.groups.method!r} reads the label profile: set losses.profile_draws "
                          f"above 0")
-    if cfg.head.condition not in HEAD_CONDITIONS:
-        raise ValueError(f"head.condition must be one of {', '.join(HEAD_CONDITIONS)}, got {cfg.head.condition!r}")
-    if cfg.head.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"head.lr_schedule must be 'constant' or 'cosine', got {cfg.head.lr_schedule!r}")
     if cfg.eval.guidance_t_max is not None and cfg.eval.guidance_t_max > T:
         raise ValueError(f"eval.guidance_t_max must be at most the {T} training timesteps (class guidance at t below "
                          f"it; leave it unset for every t), got {cfg.eval.guidance_t_max}")

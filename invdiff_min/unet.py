@@ -49,6 +49,9 @@ class UNetConfig:
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries but block_out_channels has "
                              f"{len(self.block_out_channels)}: give one True/False per level")
+        if not self.block_out_channels or min(self.block_out_channels) < 1 or self.norm_num_groups < 1:
+            raise ValueError(f"block_out_channels {list(self.block_out_channels)} and norm_num_groups "
+                             f"{self.norm_num_groups} must be whole numbers of at least 1 (one entry per level)")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every channel count; {bad} do not")

@@ -55,13 +55,18 @@ def test_the_api_samples_what_the_evaluation_samples(runs):
 @pytest.mark.parametrize("field, value, says", [
     ("guidance_scale", "3", 'eval.guidance_scale must be a number, got "3"'),
     ("head_outside_cfg", "false", "eval.head_outside_cfg must be true or"),
-    ("guidance_t_max", 5000, "eval.guidance_t_max must be at most")])
+    ("guidance_t_max", 5000, "eval.guidance_t_max must be at most"),
+    ("sampler", "ddmp", "eval.sampler must be one of ddim, ddpm"),
+    ("unet", {"norm_num_groups": 0}, "norm_num_groups 0 must be whole numbers")])
 def test_a_hand_edited_run_config_is_refused_naming_the_file_and_field(runs, tmp_path, field, value, says):
     """A run's sampling settings are read checked: a string where a number goes is not silently used."""
     run = tmp_path / "run"
     shutil.copytree(runs / "runs" / "tiny", run)
     record = json.loads((run / "config.json").read_text())
-    record["config"]["eval"][field] = value
+    if field == "unet":
+        record["config"]["unet"].update(value)
+    else:
+        record["config"]["eval"][field] = value
     (run / "config.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError) as e:
         InvDiffPipeline.from_pretrained(run)

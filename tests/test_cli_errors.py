@@ -43,6 +43,9 @@ def test_existing_run_folder_is_never_overwritten_and_resume_needs_the_same_conf
     (["--set", "groups.method=class_label_topk", "--set", "losses.profile_draws=0"],
      ["'class_label_topk' reads the label profile", "losses.profile_draws above 0"]),
     (["--set", "head.condition=group"], ["head.condition must be one of class, class_group", "'group'"]),
+    (["--set", "eval.sampler=ddmp"], ["eval.sampler must be one of ddim, ddpm", "'ddmp'"]),   # now, not after training
+    (["--set", "losses.target=x_0"], ["losses.target must be one of eps, x0", "'x_0'"]),    # was read as x0
+    (["--set", "unet.norm_num_groups=0"], ["norm_num_groups 0 must be whole numbers of at least 1"]),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], ["--device"]),
 ])
 def test_train_refuses_unknown_names(argv, messages, tmp_path):
