@@ -38,7 +38,7 @@ from .checkpoint import (fingerprint, list_checkpoints, load_checkpoint, load_un
                          write_json)
 from .convert import (DIFFUSERS_FIXED, DIFFUSERS_TO_OURS, DOWN_BLOCKS, SCHEDULER_FIXED, UP_BLOCKS, check_input,
                       convert, diffusion_from_scheduler_config)
-from .config import EvalConfig, RunConfig
+from .config import EvalConfig, RunConfig, check_config
 from .errors import exit_on_error
 from .guidance import InvariantGuidance, load_head
 from .runs import read_run_config
@@ -146,7 +146,14 @@ def load_run(run: str | Path, weights: str = "ema", head: str = "invdiff", stren
     guidance, _ = load_head(run / head, base)               # checks the fingerprint against the EMA base too
     trained_with = head_state["config"]["head"]             # the head's mode and mix ratio
     if not (run / "config.json").is_file():                 # the run's settings as the head saved them
-        run_eval = RunConfig.from_dict(head_state["config"]).eval
+        try:
+            saved = RunConfig.from_dict(head_state["config"])
+            check_config(saved)
+        except ValueError as e:
+            raise ExportError(f"{head_ckpt / 'state.json'}: {e}; restore the checkpoint, or train the head "
+                              f"again") from None
+        run_eval = saved.eval
+        manifest.update(guidance_scale=run_eval.guidance_scale, guidance_t_max=run_eval.guidance_t_max)
     w = run_eval.strength if strength is None else strength   # as sample.py does
     manifest.update(guidance_head="guidance_head", head=head, head_checkpoint=str(head_ckpt),
                     head_weights="ema", mode=trained_with["mode"], strength=float(w),

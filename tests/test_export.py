@@ -233,6 +233,9 @@ def test_a_run_sampled_with_class_guidance_exports_it(tmp_path, monkeypatch, out
         unguided = guided(x, torch.full((2,), 3), labels)
         assert relative_diff(unguided, names["eps_cfg"](x, torch.tensor(3), labels)) > 1e-2
     assert "classifier-free guidance at scale s = 3.0 at t < 500 only" in (tmp_path / "out" / "README.md").read_text()
+    (run / "config.json").unlink()                  # without it, the head's saved config says the same
+    again, _ = export_run(run, tmp_path / "again")
+    assert (again["guidance_scale"], again["guidance_t_max"], again["head_outside_cfg"]) == (3.0, 500, outside)
 
 
 def test_scale_0_with_the_head_outside_and_t_max_0_export_what_the_sampler_does(tmp_path, monkeypatch):
