@@ -312,7 +312,32 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "eval.guidance_scale": (0.0, 50.0, "the CFG scale"), "data.aligned_fraction": (0.0, 1.0, "a share"),
     "eval.guidance_t_max": (0, 100_000, "a timestep: class guidance at t below it"),
     **{f"{s}.seed": (0, 2**31 - 1, "a seed") for s in ("data", "train", "losses", "groups", "head", "eval")},
+    "data.eval_per_group": (0, MAX_SAMPLES, "held-out images per cell (0: the dataset's own split)"),
+    "unet.dropout": (0.0, 0.999, "a dropout probability"), "unet.norm_eps": (1e-12, 1.0, "GroupNorm's epsilon"),
+    "unet.attention_head_dim": (1, 65_536, "channels per attention head"),
+    "unet.time_embed_dim": (1, 65_536, "the time embedding's width"),
+    "diffusion.num_train_timesteps": (2, 100_000, "the training timesteps T"),
+    "diffusion.beta_start": (1e-12, 0.999, "a noise variance beta"),
+    "diffusion.beta_end": (1e-12, 0.999, "a noise variance beta"),
+    "train.weight_decay": (0.0, 10.0, "AdamW's weight decay"),
+    # clip_grad_norm_ takes any bound, but 0 zeroes every gradient and a negative bound
+    # flips their sign (gradient ascent); both train silently, so a positive bound is required
+    "train.grad_clip": (1e-6, 1e12, "a positive gradient-norm bound"),
+    "head.grad_clip": (1e-6, 1e12, "a positive gradient-norm bound"),
+    "losses.auto_window_draws": (1, 10_000, "draws per t of the window search"),
+    "losses.auto_window_samples": (1, MAX_SAMPLES, "images of the window search"),
+    "groups.steps": (1, MAX_STEPS, "the grouper's steps"), "groups.lr": (1e-12, 100.0, "the grouper's learning rate"),
+    "groups.w_nz": (0.0, 1e6, "the weight of the grouper's min term"), "groups.restarts": (1, 1_000, "restarts"),
+    "head.mix_ratio": (0.0, 1.0, "a share"), "eval.judge_steps": (1, MAX_STEPS, "the judges' training steps"),
 }
+
+
+def check_strengths(values, flag: str) -> None:
+    """Refuse a guidance strength w outside eval.strength's range (NaN and infinities too), naming the flag."""
+    low, high, why = RANGES["eval.strength"]
+    bad = [w for w in values if not (isinstance(w, (int, float)) and math.isfinite(w) and low <= w <= high)]
+    if bad:
+        raise ValueError(f"{flag} must be a number in [{low:g}, {high:g}] ({why}), got {bad[0]!r}")
 
 
 def check_config(cfg: RunConfig) -> None:

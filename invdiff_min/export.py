@@ -38,7 +38,7 @@ from .checkpoint import (fingerprint, list_checkpoints, load_checkpoint, load_un
                          write_json)
 from .convert import (DIFFUSERS_FIXED, DIFFUSERS_TO_OURS, DOWN_BLOCKS, SCHEDULER_FIXED, UP_BLOCKS, check_input,
                       convert, diffusion_from_scheduler_config)
-from .config import EvalConfig, RunConfig, check_config
+from .config import EvalConfig, RunConfig, check_config, check_strengths
 from .errors import exit_on_error
 from .guidance import InvariantGuidance, load_head
 from .runs import read_run_config
@@ -112,6 +112,8 @@ def load_run(run: str | Path, weights: str = "ema", head: str = "invdiff", stren
         raise ExportError(f"--weights must be 'ema' or 'model', got {weights!r}")
     if head not in HEADS:
         raise ExportError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    if strength is not None:
+        check_strengths([strength], "--strength")       # recorded in invdiff.json as w
     if not run.is_dir():
         raise ExportError(f"run folder {run} does not exist; pass a run folder made by train.py (e.g. runs/cpu)")
     base, base_state, base_ckpt = load_unet(run, weights=weights)

@@ -311,6 +311,9 @@ def test_bad_input_is_a_one_line_error_that_deletes_nothing(exported, tmp_path):
     assert says(error_of([str(tmp_path / "nowhere"), str(tmp_path / "a")]), "nowhere does not exist", "train.py")
     assert says(error_of([str(run), str(tmp_path / "a"), "--head", "oracle"]), "no trained head 'oracle'",
                 "--compare", "--head none")
+    for w in ("nan", "inf", "-1e9"):                        # written into invdiff.json as w: refused first
+        assert says(error_of([str(run), str(tmp_path / "a"), f"--strength={w}"]), "--strength must be a number in "
+                    "[0, 20]")
     assert not (tmp_path / "a").exists()
     mine = tmp_path / "mine"
     (mine / "unet").mkdir(parents=True)
