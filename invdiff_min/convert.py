@@ -456,6 +456,9 @@ def read_source(src: str | Path, config: UNetConfig | None = None) -> Source:
                                 f"original-DDPM state-dict file (.ckpt, .pt, .pth, .bin or .safetensors)")
     if src.is_dir():
         return read_diffusers(src)
+    if not src.is_file():                    # a FIFO would block torch.load forever
+        raise ConversionError(f"{src} is not a regular file or a folder; pass a diffusers folder or a "
+                              f"state-dict file")
     return read_original_ddpm(src, config)
 
 
@@ -501,6 +504,10 @@ def write_converted(src: str | Path, out: Path) -> Path:
                               f"pass a new folder or delete that one first")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} is a file; pass a new folder to write the checkpoint into")
+    if out.is_dir() and any(out.iterdir()):  # e.g. a run folder, whose base the checkpoint would shadow
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise ConversionError(f"{out} is not empty (it holds {held}); pass a new or empty folder, nothing there "
+                              f"is touched")
     source = read_source(src)
     model = build(source)
     state = {"config": {"preset": "converted", "unet": source.config.to_dict(), "diffusion": source.diffusion,

@@ -344,3 +344,13 @@ def test_cli_writes_a_checkpoint_that_load_unet_rebuilds(small, tmp_path):
     assert max_diff(reloaded, model, x, t, torch.tensor([1, 2])) < ATOL
     with pytest.raises(SystemExit, match="^error: .*already holds checkpoints"):
         main([str(folder), str(out)])
+    run = tmp_path / "run"                                    # a run folder: a checkpoint there shadows run/base
+    (run / "base").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"^error: .*run is not empty \(it holds base, config.json\)"):
+        main([str(folder), str(run)])
+    assert sorted(p.name for p in run.iterdir()) == ["base", "config.json"]
+    fifo = tmp_path / "model.ckpt"
+    os.mkfifo(fifo)                                           # torch.load would wait on it forever
+    with pytest.raises(SystemExit, match="^error: .*model.ckpt is not a regular file or a folder"):
+        main([str(fifo), str(tmp_path / "new")])
