@@ -178,3 +178,28 @@ def test_an_unknown_loader_option_is_a_value_error_listing_the_known_ones(tmp_pa
         load_splits(DataConfig(options={"colour": "red"}))
     with pytest.raises(ValueError, match="seed is a DataConfig field .* --data-seed"):
         load_splits(DataConfig(name="folder", data_root=str(root), options={"seed": 3}))
+
+
+# ----- 8. option words and text encodings ----------------------------------------------------------------
+def test_cache_words_switch_the_cache_and_other_values_are_refused(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)                              # a folder named "False" would land here
+    for word in ("False", "no", "0"):                        # as --data-option cache=WORD gives them
+        load_folder(root, 8, cache=word)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and not (root / image_data.CACHE_DIRNAME).exists()
+    load_folder(root, 8, cache="yes")
+    assert (root / image_data.CACHE_DIRNAME).is_dir()
+    with pytest.raises(ValueError, match="the data option cache must be true, false or a folder, got 2.5"):
+        load_folder(root, 8, cache=2.5)
+    with pytest.raises(ValueError, match=r"group_sizes must be non-negative with a positive sum, got \[nan"):
+        load_folder(root, 8, group_sizes=[float("nan"), 1, 1, 1])
+
+
+def test_metadata_in_another_encoding_or_with_a_giant_field_names_the_file(tmp_path):
+    root = make_folder(tmp_path / "latin", ["caf\xe9.png,0,0,train"])
+    (root / "metadata.csv").write_bytes((root / "metadata.csv").read_text().encode("latin-1"))
+    with pytest.raises(DatasetFormatError, match=r"latin/metadata.csv: not UTF-8 text \(byte \d+: .*save it as UTF-8"):
+        load_folder(root, 8, cache=False)
+    root = make_folder(tmp_path / "giant", ["x" * 200_000 + ".png,0,0,train"])
+    with pytest.raises(DatasetFormatError, match="giant/metadata.csv: not readable as CSV .*field larger"):
+        load_folder(root, 8, cache=False)

@@ -10,7 +10,7 @@ import torch
 
 from .core import AS_DISTRIBUTED, BiasedDataset, DataConfig, DatasetFormatError, DatasetSpec
 from .images import build_image_splits
-from .tables import EVAL, TRAIN, UNUSED, MetadataTable, Sampling, choose, flag, require_dir, require_file
+from .tables import EVAL, TRAIN, UNUSED, MetadataTable, Sampling, choose, flag, read_lines, require_dir, require_file
 
 CELEBA_LAYOUT = ("CelebA layout: ROOT/img_align_celeba/*.jpg, ROOT/list_attr_celeba.txt and "
                  "ROOT/list_eval_partition.txt (the official Align&Cropped release)")
@@ -35,7 +35,7 @@ def load_celeba(root, resolution: int = 32, *, target: str = "Blond_Hair", bias:
         image_dir = image_dir / "img_align_celeba"
     eval_code = choose(eval_split, {"val": 1, "test": 2}, "eval_split")
 
-    lines = attr_path.read_text().splitlines()
+    lines = read_lines(attr_path)
     if len(lines) < 2 or not lines[0].strip().isdigit():
         raise DatasetFormatError(f"{attr_path}: expected the image count on line 1 and the attribute names on "
                                  f"line 2; found {lines[:1]!r}")
@@ -63,7 +63,7 @@ def load_celeba(root, resolution: int = 32, *, target: str = "Blond_Hair", bias:
         raise DatasetFormatError(f"{attr_path}: line 1 announces {int(lines[0])} images but the file lists "
                                  f"{len(files)}; is it truncated?")
     partition = {}
-    for lineno, line in enumerate(part_path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_lines(part_path), start=1):
         parts = line.split()
         if len(parts) == 2:
             if parts[1] not in ("0", "1", "2"):

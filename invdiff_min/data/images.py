@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 
 from ..checkpoint import load_tensors, read_json, save_tensors, write_json
 from .core import BiasedDataset, DatasetFormatError, DatasetLayoutError, DatasetWarning
-from .tables import (OUTSIDE_ROOT_FIX, MetadataTable, Sampling, check_resolution, check_table, file_kind,
-                     select_rows)
+from .tables import (OUTSIDE_ROOT_FIX, YES_NO, MetadataTable, Sampling, check_resolution, check_table, file_kind,
+                     flag, select_rows)
 
 CACHE_DIRNAME = ".invdiff_cache"
 CACHE_VERSION = 2                     # bump when the decoding or the selection changes (2: duplicates dropped)
@@ -203,7 +203,12 @@ def _wrap(tensors: dict, prefix: str, table: MetadataTable, info: dict) -> Biase
 
 def _cache_paths(cache, root: Path, name: str, key: dict) -> tuple[Path, Path] | None:
     """(tensors, JSON) paths for this key: `ROOT/.invdiff_cache/NAME-rRES-HASH.*`, or under the folder
-    `cache` when it is a path; None when cache is False/None."""
+    `cache` when it is a path; None when cache is False/None. On the command line the words true/false (1/0,
+    yes/no) are the switch, anything else a path."""
+    if isinstance(cache, (bool, int)) or (isinstance(cache, str) and cache.strip().lower() in YES_NO):
+        cache = flag(cache, "the data option cache")
+    elif cache is not None and not isinstance(cache, (str, os.PathLike)):
+        raise ValueError(f"the data option cache must be true, false or a folder, got {cache!r}")
     if cache is None or cache is False:
         return None
     folder = root / CACHE_DIRNAME if cache is True else Path(cache).expanduser()

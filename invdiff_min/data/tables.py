@@ -9,6 +9,7 @@ sizes, `Sampling`) and a balanced eval split, deterministically given the seed. 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import posixpath
 import re
@@ -82,7 +83,7 @@ def _parse_sizes(sizes) -> list[float] | None:
         out = [float(s) for s in sizes]
     except (TypeError, ValueError):
         raise ValueError(f"group_sizes must be numbers like '3:2:1:1' or [3, 2, 1, 1], got {sizes!r}") from None
-    if any(s < 0 for s in out) or sum(out) <= 0:
+    if not all(math.isfinite(s) and s >= 0 for s in out) or sum(out) <= 0:
         raise ValueError(f"group_sizes must be non-negative with a positive sum, got {out}")
     return out
 
@@ -125,7 +126,25 @@ def found_near(path: Path) -> str:
 
 def read_csv(path: Path, required: list[str], layout: str) -> tuple[list[dict], list[int]]:
     """Rows of a CSV file with a header, as dicts, and the line each row ends on; refuses a file lacking a
-    required column or a row with more or fewer fields than the header."""
+    required column, a row with more or fewer fields than the header, and a file that is not UTF-8 CSV."""
+    try:
+        return _read_csv(path, required, layout)
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+                                 f"CSV") from None
+    except csv.Error as e:                      # e.g. a field over the csv module's 131,072 characters
+        raise DatasetFormatError(f"{path}: not readable as CSV ({e}). {layout}") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a file in another encoding is a one-line error naming it."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
+def _read_csv(path: Path, required: list[str], layout: str) -> tuple[list[dict], list[int]]:
     with open(path, newline="", encoding="utf-8-sig") as f:     # utf-8-sig: tolerate a byte-order mark
         reader = csv.DictReader(f)
         found = [c.strip() for c in reader.fieldnames or []]
@@ -220,10 +239,13 @@ def index_values(values: list[str], column: str, path: Path,
     return torch.tensor([lookup[v] for v in values], dtype=torch.long), tuple(names)
 
 
+YES_NO = ("true", "1", "yes", "false", "0", "no")
+
+
 def flag(value, name: str) -> bool:
     """A yes/no option as given in Python (True) or on the command line (true, 1, yes)."""
     text = str(value).strip().lower()
-    if isinstance(value, (bool, int, str)) and text in ("true", "1", "yes", "false", "0", "no"):
+    if isinstance(value, (bool, int, str)) and text in YES_NO:
         return text in ("true", "1", "yes")
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
