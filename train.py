@@ -137,7 +137,8 @@ def train(argv: list[str]) -> int:
         from invdiff_min.checkpoint import resolve_checkpoint
         base_path = resolve_checkpoint(args.base)                   # refused now if it is not a checkpoint
     check_run_folder(run_dir, resume=args.resume, overwrite=args.overwrite, data_root=cfg.data.data_root,
-                     stage=args.stage, has_base=base_path is not None, heads=heads)
+                     stage=args.stage, has_base=base_path is not None, heads=heads,
+                     reads=tuple(p for p in (args.base, args.init_from) if p))
     device = dist.init(pick_device(args.device))   # under torchrun: join the others; cuda:LOCAL_RANK on CUDA
     cfg.train.precision, why = amp.resolve(cfg.train.precision, device)   # "auto" made concrete, recorded
     try:
@@ -150,6 +151,9 @@ def train(argv: list[str]) -> int:
             check_judgeable(splits)                 # now, not after every training stage has run
         data = splits.train
         fit_to_data(cfg, data.num_classes, cfg.data.resolution)    # classes, side, the head's width for K > 2
+        for flag, path in (("--base", args.base), ("--init-from", args.init_from)):
+            if path:
+                pipeline.check_base_fits(path, cfg, flag)           # made for this data, or refused now
         dist.print0(f"[precision] {cfg.train.precision} ({why})")
         dist.print0(f"[data] {cfg.data.name}: {len(data)} training images, {data.num_classes} classes "
                     f"{list(data.class_names)}, {data.num_attributes} attribute values (hidden)")

@@ -24,7 +24,8 @@ import torch
 
 from . import amp
 from . import distributed as dist
-from .checkpoint import fingerprint, list_checkpoints, load_state_into, load_tensors, load_unet
+from .checkpoint import (CheckpointError, fingerprint, list_checkpoints, load_state_into, load_tensors, load_unet,
+                         read_state, resolve_checkpoint)
 from .checkpoint import read_json_object, save_tensors, write_json
 from .config import PROFILE_METHODS, DiffusionConfig, RunConfig, fit_to_data
 from .data import BiasedDataset, DataSplits, from_model_range, to_model_range
@@ -208,6 +209,23 @@ def apply_init_from(cfg: RunConfig, path: str) -> None:
     cfg.diffusion = DiffusionConfig(**converted["diffusion"])
     cfg.data.resolution = cfg.unet.sample_size
     cfg.train.init_from = str(path)
+
+
+def check_base_fits(path: str | Path, cfg: RunConfig, flag: str) -> None:
+    """Refuse a --base / --init-from checkpoint made for other data: its classes or image side differ from the
+    data's (cfg after fit_to_data). Reads state.json only, before the run folder is touched."""
+    ckpt = resolve_checkpoint(path)
+    unet = read_state(ckpt).get("config", {}).get("unet", {})
+    if not isinstance(unet, dict):
+        raise CheckpointError(f"{ckpt / 'state.json'}: config.unet is not an object; restore the checkpoint")
+    classes = unet.get("num_classes")
+    if flag == "--init-from" and classes is None:        # an unconditional model gains its class embedding
+        classes = cfg.unet.num_classes
+    for have, want, what in ((classes, cfg.unet.num_classes, "classes"),
+                             (unet.get("sample_size"), cfg.unet.sample_size, "an image side of")):
+        if have != want:
+            raise CheckpointError(f"{flag} {ckpt} was made for {what} {have}, but the data has {want}; pass a "
+                                  f"checkpoint trained on this dataset at this --resolution")
 
 
 # ----- B. per-sample losses and group inference ------------------------------------------------------------
@@ -562,10 +580,13 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
         base, _, base_ckpt = load_unet(run_dir, device)
     if stage == "base":
         return None
+    base_id = fingerprint(base.state_dict())
+    if complete(run_dir, LOSSES_FILES):                              # kept losses came from this base, or refused
+        check_losses_base(run_dir, base_id)
     if wanted("losses") and not complete(run_dir, LOSSES_FILES):
         losses = compute_losses(cfg, data, base, device, progress, compare)
         if dist.is_main():
-            save_losses(run_dir, losses, base_ckpt)
+            save_losses(run_dir, losses, base_ckpt, base_id)
         dist.barrier()
         stage_done()
     if wanted("groups") and not groups_current(run_dir):             # cheap: rank 0 alone, the others wait
@@ -593,11 +614,12 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
     return summary
 
 
-def save_losses(run_dir: Path, losses: PerSampleLosses, base_ckpt: Path) -> None:
+def save_losses(run_dir: Path, losses: PerSampleLosses, base_ckpt: Path, base_id: str) -> None:
     """losses.json, then losses.safetensors (the set is complete when both exist); the official recipe's beside."""
     if losses.official is not None:
         save_tensors(run_dir / "losses_official.safetensors", {"loss": losses.official, "index": losses.index})
-    write_json(run_dir / "losses.json", {"base_checkpoint": str(base_ckpt), **losses.info})
+    write_json(run_dir / "losses.json", {"base_checkpoint": str(base_ckpt), "base_fingerprint": base_id,
+                                         **losses.info})
     profile = {} if losses.profile is None else {"profile": losses.profile}
     save_tensors(run_dir / "losses.safetensors", {"loss": losses.loss, "index": losses.index, **profile},
                  {"t_window": list(losses.t_window)})
@@ -605,11 +627,26 @@ def save_losses(run_dir: Path, losses: PerSampleLosses, base_ckpt: Path) -> None
           f"(evaluation only)")
 
 
+def check_losses_base(run_dir: Path, base_id: str) -> None:
+    """Refuse per-sample losses computed with another base model (a --resume with another --base): its groups
+    and the head trained on this base would not belong together. Runs saved before the fingerprint pass."""
+    saved = read_json_object(run_dir / "losses.json").get("base_fingerprint", base_id)
+    if saved != base_id:
+        raise CheckpointError(f"{run_dir / 'losses.json'}: the per-sample losses there were computed with a different "
+                              f"base model; resume with the base they came from, or start a new --out")
+
+
 def load_losses(run_dir: Path) -> PerSampleLosses:
     info = read_json_object(run_dir / "losses.json")
+    window = info.get("t_window")
+    if not (isinstance(window, list) and len(window) == 2 and all(type(t) is int for t in window)):
+        raise CheckpointError(f"{run_dir / 'losses.json'}: t_window must be a list [lo, hi) of two timesteps, got "
+                              f"{window!r}; restore the file, or run --stage losses again in a new --out")
     saved = load_tensors(run_dir / "losses.safetensors")
-    return PerSampleLosses(saved["loss"], saved["index"], tuple(info["t_window"]), info,
-                           profile=saved.get("profile"))
+    if "loss" not in saved or "index" not in saved:
+        raise CheckpointError(f"{run_dir / 'losses.safetensors'} lacks the tensors loss and index; run --stage "
+                              f"losses again in a new --out")
+    return PerSampleLosses(saved["loss"], saved["index"], tuple(window), info, profile=saved.get("profile"))
 
 
 def save_groups(run_dir: Path, groups: Groups, data: BiasedDataset, losses: torch.Tensor) -> None:

@@ -62,7 +62,7 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict]:
 
 def _related(a: Path, b: Path) -> str | None:
     """How folder a relates to folder b: 'is', 'holds', 'lies inside' or None."""
-    a, b = a.resolve(), b.resolve()
+    a, b = a.expanduser().resolve(), b.expanduser().resolve()
     if a == b:
         return "is"
     if a in b.parents:
@@ -73,9 +73,11 @@ def _related(a: Path, b: Path) -> str | None:
 
 
 def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, data_root: str | None = None,
-                     stage: str = "all", has_base: bool = False, heads: tuple[str, ...] = ("invdiff",)) -> None:
+                     stage: str = "all", has_base: bool = False, heads: tuple[str, ...] = ("invdiff",),
+                     reads: tuple[str | Path, ...] = ()) -> None:
     """Everything about --out that can be refused, refused before any work: the folder's kind, its relation to
-    the data, what --resume / --overwrite would do, and the inputs the requested stage needs."""
+    the data and to the checkpoints the run `reads` (--base, --init-from), what --resume / --overwrite would do,
+    and the inputs the requested stage needs."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"--out {run_dir} is a file, not a folder; pass a new folder name")
     if data_root is not None and (how := _related(run_dir, Path(data_root))):
@@ -91,6 +93,13 @@ def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, data_root:
                              f"finished its first stage), or --out NEW_FOLDER")
     if overwrite and resume:
         raise RunFolderError("--overwrite starts the run again and --resume continues it: pass one of them")
+    if overwrite and is_run and run_dir.is_symlink():
+        raise RunFolderError(f"--out {run_dir} is a symbolic link; --overwrite replaces a folder, not a link: pass "
+                             f"the folder it points to ({run_dir.resolve()}) or a new folder")
+    inside = [p for p in reads if _related(Path(p), run_dir) in ("is", "lies inside")]
+    if overwrite and is_run and inside:
+        raise RunFolderError(f"{inside[0]} lies inside {run_dir}, which --overwrite moves aside and then deletes; "
+                             f"copy it out of the run first, or pass --out NEW_FOLDER")
     if overwrite and aside_path(run_dir).exists():
         raise RunFolderError(f"an earlier --overwrite left the previous run in {aside_path(run_dir)}: restore it "
                              f"(mv {aside_path(run_dir)} {run_dir}) or delete it, then run again")

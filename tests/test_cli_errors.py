@@ -46,6 +46,10 @@ def test_existing_run_folder_is_never_overwritten_and_resume_needs_the_same_conf
     (["--set", "eval.sampler=ddmp"], ["eval.sampler must be one of ddim, ddpm", "'ddmp'"]),   # now, not after training
     (["--set", "losses.target=x_0"], ["losses.target must be one of eps, x0", "'x_0'"]),    # was read as x0
     (["--set", "unet.norm_num_groups=0"], ["norm_num_groups 0 must be whole numbers of at least 1"]),
+    (["--set", "train.grad_clip=-1"], ["train.grad_clip must be a number in", "positive gradient-norm bound"]),
+    (["--set", "head.grad_clip=0"], ["head.grad_clip must be a number in"]),   # was silent: no training at all
+    (["--set", "groups.restarts=0"], ["groups.restarts must be a number in [1, 1,000]"]),
+    (["--set", "unet.dropout=5"], ["unet.dropout must be a number in [0, 0.999]"]),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], ["--device"]),
 ])
 def test_train_refuses_unknown_names(argv, messages, tmp_path):
@@ -64,8 +68,77 @@ def test_a_head_trained_on_another_base_is_refused(run, tmp_path):
     other = tmp_path / "other"
     assert run_script("train.py", ["--preset", "tiny", "--out", str(other), "--stage", "base", "--seed", "5",
                        "--no-progress"]) == 0
-    fails_with("train.py", ["--preset", "tiny", "--out", str(copy_run(run, tmp_path)), "--resume", "--stage", "eval",
-                            "--base", str(other / "base")], "different base model")
+    mixed = copy_run(run, tmp_path)
+    fails_with("train.py", ["--preset", "tiny", "--out", str(mixed), "--resume", "--stage", "eval", "--base",
+                            str(other / "base")], "losses.json: the per-sample losses there were computed with a "
+               "different base model")
+    for name in ("losses.json", "losses.safetensors"):      # no losses kept: the head's own check refuses
+        (mixed / name).unlink()
+    fails_with("train.py", ["--preset", "tiny", "--out", str(mixed), "--resume", "--stage", "eval", "--base",
+                            str(other / "base")], "different base model")
+
+
+def test_a_base_made_for_other_data_is_refused_before_the_run_folder_is_touched(run, tmp_path):
+    three = tmp_path / "three"                                # 3 classes against the built-in 2
+    assert run_script("train.py", ["--preset", "tiny", "--dataset", "shapes3", "--out", str(three), "--stage",
+                                   "base", "--steps", "1", "--no-progress"]) == 0
+    fails_with("train.py", ["--preset", "tiny", "--out", str(tmp_path / "a"), "--base", str(three)], "--base",
+               "was made for classes 3, but the data has 2")
+    fails_with("train.py", ["--preset", "tiny", "--out", str(tmp_path / "b"), "--resolution", "32", "--base",
+                            str(run)], "was made for an image side of 16, but the data has 32", "--resolution")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_overwrite_refuses_a_base_inside_the_run_it_would_replace(run, tmp_path):
+    mine = copy_run(run, tmp_path)
+    before = sorted(p.relative_to(mine) for p in mine.rglob("*"))
+    fails_with("train.py", ["--preset", "tiny", "--out", str(mine), "--overwrite", "--base", str(mine / "base")],
+               "lies inside", "--overwrite moves aside", "copy it out")
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before
+    link = tmp_path / "link"                                  # --overwrite would move the link, not the run
+    link.symlink_to(mine)
+    fails_with("train.py", ["--preset", "tiny", "--out", str(link), "--overwrite"], "is a symbolic link",
+               str(mine.resolve()))
+    assert link.is_symlink() and sorted(p.relative_to(mine) for p in mine.rglob("*")) == before
+
+
+def test_sample_keeps_two_runs_outputs_apart_and_overwrite_replaces_them(run, tmp_path):
+    out, argv = tmp_path / "s", ["--ckpt", str(run), "--out", str(tmp_path / "s"), "--steps", "2"]
+    assert run_script("sample.py", [*argv, "--n-per-class", "3", "--png"]) == 0
+    assert len(list((out / "png").iterdir())) == 6
+    fails_with("sample.py", [*argv, "--n-per-class", "1"], "already holds an earlier sample.py output",
+               "samples.safetensors, grid.png, png", "--overwrite")
+    assert run_script("sample.py", [*argv, "--n-per-class", "1", "--overwrite"]) == 0
+    assert not (out / "png").exists()                        # no leftover images of the earlier model
+    assert load_tensors(out / "samples.safetensors")["images"].shape[0] == 2
+    (out / "png").mkdir()
+    (out / "png" / "notes.txt").write_text("keep me")
+    fails_with("sample.py", [*argv, "--overwrite"], "holds more than sample.py's PNG files")
+    assert (out / "png" / "notes.txt").read_text() == "keep me"
+    fails_with("sample.py", [*argv, "--out", str(tmp_path / "t"), "--seed", str(2**70)], "--seed must be an integer")
+
+
+def test_sample_evaluate_reads_the_data_before_sampling(run, tmp_path, monkeypatch):
+    from invdiff_min.inference import InvDiffPipeline
+
+    def no_data(self):
+        raise ValueError("dataset root not found")
+
+    def no_sampling(self, *args, **kwargs):
+        raise AssertionError("sampled before the data was read")
+    monkeypatch.setattr(InvDiffPipeline, "judge", no_data)
+    monkeypatch.setattr(InvDiffPipeline, "__call__", no_sampling)
+    fails_with("sample.py", ["--ckpt", str(run), "--out", str(tmp_path / "s"), "--evaluate"], "dataset root not found")
+
+
+@pytest.mark.parametrize("window", [5, None, [0, "9"]])
+def test_a_hand_edited_losses_json_is_named(run, tmp_path, window):
+    edited = copy_run(run, tmp_path)
+    info = json.loads((edited / "losses.json").read_text())
+    info["t_window"] = window
+    (edited / "losses.json").write_text(json.dumps(info))
+    fails_with("train.py", ["--preset", "tiny", "--out", str(edited), "--resume", "--stage", "groups"],
+               "losses.json: t_window must be a list [lo, hi) of two timesteps", "--stage losses again")
 
 
 def test_group_weights_of_other_samples_are_refused(run, tmp_path):

@@ -80,6 +80,15 @@ def test_an_out_folder_that_is_holds_or_lies_inside_the_data_root_is_refused(whe
     assert snapshot(tmp_path) == before
 
 
+def test_a_data_root_given_with_a_tilde_is_guarded_too(tmp_path, monkeypatch):
+    image_folder(tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path))                 # ~/data is tmp_path/data
+    before = snapshot(tmp_path)
+    fails_with("train.py", ["--preset", "tiny", "--dataset", "folder", "--data-root", "~/data", "--out",
+                            tmp_path / "data" / "run"], "lies inside the data root ~/data")
+    assert snapshot(tmp_path) == before
+
+
 def test_a_folder_that_is_not_a_run_is_never_written_into_or_replaced(tmp_path):
     mine = tmp_path / "thesis"
     mine.mkdir()
