@@ -1,13 +1,14 @@
 """Sample from a trained (or converted) model, optionally with InvDiff's invariant guidance.
 
     python sample.py --ckpt runs/cpu --n-per-class 16 --out samples/           # base + head, the run's w and sampler
-    python sample.py --ckpt runs/cpu --strength 0                              # w = 0: exactly the base model
-    python sample.py --ckpt runs/cpu --strength 2 --sampler ddpm --steps 1000
-    python sample.py --ckpt runs/cpu/base/ckpt-0002000 --head none             # a base checkpoint alone
-    python sample.py --ckpt runs/cpu --strength 3 --n-per-class 200 --evaluate   # + metrics.json, report.png
+    python sample.py --ckpt runs/cpu --strength 0 --out samples/w0             # w = 0: exactly the base model
+    python sample.py --ckpt runs/cpu --strength 2 --sampler ddpm --steps 1000 --out samples/ddpm
+    python sample.py --ckpt runs/cpu/base/ckpt-0002000 --head none --out samples/base   # a base checkpoint alone
+    python sample.py --ckpt runs/cpu --strength 3 --n-per-class 200 --evaluate --out samples/w3   # + metrics, report
 
 Writes OUT/grid.png and OUT/samples.safetensors (tensor `images`: N x C x H x W floats in [0, 1]; tensor
-`labels`: the class of each, -1 for an unconditional model).
+`labels`: the class of each, -1 for an unconditional model). An --out holding an earlier run's outputs is refused
+unless --overwrite is given (then they are replaced once the new samples are drawn).
 
 --evaluate (a model inside a train.py run folder) also judges the samples with the run's judge and writes
 OUT/metrics.json (Bias, minority and attribute shares per class, fidelity, quality distance FD / KID /
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from invdiff_min.inference import InvDiffPipeline, save_png_folder
 from invdiff_min.plots import save_grid, save_report
 
 MAX_IMAGES = 100_000                  # per strength: 100k 32x32 images are 1.2 GB of float32
+OUTPUTS = ("samples.safetensors", "grid.png", "png", "metrics.json", "report.png")   # what a run writes into --out
 
 
 def check_arguments(args) -> None:
@@ -50,12 +53,33 @@ def check_arguments(args) -> None:
     bad = [w for w in args.sweep if not (math.isfinite(w) and 0.0 <= w <= 20.0)]
     if bad:
         raise ValueError(f"--sweep strengths must lie in [0, 20] like --strength, got {bad}")
+    if not 0 <= args.seed <= 2**63 - 1:
+        raise ValueError(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder (it is created when missing)")
     parent = out if out.is_dir() else next(p for p in out.absolute().parents if p.exists())
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write to {parent} (for --out {out}); pass a folder you can write")
+    earlier = [name for name in OUTPUTS if (out / name).exists()]   # kept apart: no mix of two runs' outputs
+    if earlier and not args.overwrite:
+        raise ValueError(f"--out {out} already holds an earlier sample.py output ({', '.join(earlier)}); pass "
+                         f"--out NEW_FOLDER, or --overwrite to replace it")
+    png = out / "png"
+    if args.overwrite and png.exists() and not (png.is_dir() and all(p.is_file() and p.suffix == ".png"
+                                                                      for p in png.iterdir())):
+        raise ValueError(f"{png} holds more than sample.py's PNG files, and --overwrite would delete it; move "
+                         f"them, or pass --out NEW_FOLDER")
+
+
+def clear_earlier(out: Path) -> None:
+    """--overwrite: delete an earlier run's outputs (checked by check_arguments), once the new samples exist."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def main(argv=None) -> int:
@@ -86,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0],
                    help="with --evaluate: strengths w for the Bias-against-quality curve (default 0 1 2 3)")
     p.add_argument("--png", action="store_true", help="also write OUT/png/CLASS_INDEX.png, one file per image")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier sample.py run in --out (refused without it)")
     args = p.parse_args(argv)
     with exit_on_error():                      # bad input ends in one line, `error: ...` (exit status 1)
         return sample_run(args)
@@ -120,6 +146,8 @@ def sample_run(args) -> int:
     if args.evaluate and (not k or pipe.run_dir is None or "data" not in pipe.config):
         raise ValueError("--evaluate needs a class-conditional model inside a train.py run folder (it judges "
                          "samples by the run's dataset)")
+    if args.evaluate:
+        pipe.judge()                             # the run's data and judges now, not after all the sampling
 
     def draw(w: float):
         labels = torch.arange(k).repeat_interleave(args.n_per_class) if k else None
@@ -131,6 +159,8 @@ def sample_run(args) -> int:
 
     images, labels = draw(strength)
     out = Path(args.out)
+    if args.overwrite:
+        clear_earlier(out)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "samples.safetensors", {"images": images, "labels": labels},
                  {"checkpoint": str(args.ckpt), "head": head_note, "sampler": f"{args.sampler}-{args.steps}",

@@ -20,6 +20,7 @@ import torch
 
 from invdiff_min import amp
 from invdiff_min.checkpoint import CheckpointError, load_unet
+from invdiff_min.config import check_strengths
 from invdiff_min.data import load_splits, to_model_range
 from invdiff_min.diffusion import denoising_loss
 from invdiff_min.guidance import GuidedModel, load_head
@@ -60,6 +61,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    try:
+        check_strengths(args.strengths, "--strengths")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.json and not Path(args.json).parent.is_dir():
+        raise SystemExit(f"error: --json {args.json}: its folder does not exist; create it or pass another path")
     if args.per_cell < 1 or args.draws < 1:
         raise SystemExit(f"error: --per-cell and --draws must be at least 1, got {args.per_cell} and {args.draws}")
     if len(args.bands) < 2 or any(lo >= hi for lo, hi in zip(args.bands, args.bands[1:])) or args.bands[0] < 0:

@@ -40,7 +40,8 @@ import torch
 
 from invdiff_min import pipeline
 from invdiff_min.checkpoint import CheckpointError, load_tensors, load_unet, read_json, save_tensors
-from invdiff_min.config import RunConfig, add_sampling_flags, apply_overrides, check_config, with_eval
+from invdiff_min.config import RunConfig, add_sampling_flags, apply_overrides, check_config, check_strengths, with_eval
+from invdiff_min.errors import exit_on_error
 from invdiff_min.data import load_splits
 from invdiff_min.evaluate import make_judge, sample_and_judge
 from invdiff_min.groups import class_label_topk_groups, class_margin_groups, class_topk_groups, group_report
@@ -155,7 +156,23 @@ def main() -> None:
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only merge these reports of one run into --json and print the table")
     args = p.parse_args()
+    with exit_on_error():                        # a late ValueError or OSError ends in one line too
+        run(args)
 
+
+def run(args) -> None:
+    """Check every flag before anything long, then benchmark (or merge) as the flags say."""
+    try:
+        check_strengths(args.strengths, "--strengths")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    for flag, value in (("--n-per-class", args.n_per_class), ("--head-steps", args.head_steps)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} must be at least 1, got {value}")
+    if any(not 0 <= s <= 2**31 - 1 for s in args.seeds):
+        raise SystemExit(f"error: --seeds must lie in [0, 2**31 - 1], got {args.seeds}")
+    if args.json and not Path(args.json).parent.is_dir():
+        raise SystemExit(f"error: --json {args.json}: its folder does not exist; create it or pass another path")
     if args.merge:
         report = merge(args.merge)
         try:

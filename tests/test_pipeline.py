@@ -137,7 +137,10 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     # a benchmark recipe needs a folder of its own; a folder that is not a run and a bad flag are one line
     for bad, says in ((["--run", str(out), "--variants", "oracle", "--set", "head.lam=3"], "--tag"),
                       (["--run", str(tmp_path)], "has no config.json"),
-                      (["--run", str(out), "--guidance-t-max", "1001"], "(from --guidance-t-max)")):
+                      (["--run", str(out), "--guidance-t-max", "1001"], "(from --guidance-t-max)"),
+                      (["--run", str(out), "--strengths", "nan"], "--strengths must be a number in [0, 20]"),
+                      (["--run", str(out), "--head-steps", "-3"], "--head-steps must be at least 1"),
+                      (["--run", str(out), "--json", str(tmp_path / "no" / "d.json")], "does not exist")):
         r = run("benchmarks/debias.py", *bad)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     # groups.* settings regroup the variants grouped from the run's losses, and are refused for the others
