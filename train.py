@@ -130,7 +130,7 @@ def train(argv: list[str]) -> int:
     args = parse_args(argv)
     cfg = build_config(args)
     run_dir = Path(args.out or (f"runs/{cfg.preset}" if cfg.data.name == "shapes" else
-                                f"runs/{cfg.data.name}-{cfg.preset}"))
+                                f"runs/{cfg.data.name}-{cfg.preset}")).expanduser()   # checked where written
     heads = ("invdiff", "oracle", "uniform") if args.compare else ("invdiff",)
     base_path = None
     if args.base:
@@ -138,7 +138,7 @@ def train(argv: list[str]) -> int:
         base_path = resolve_checkpoint(args.base)                   # refused now if it is not a checkpoint
     check_run_folder(run_dir, resume=args.resume, overwrite=args.overwrite, data_root=cfg.data.data_root,
                      stage=args.stage, has_base=base_path is not None, heads=heads,
-                     reads=tuple(p for p in (args.base, args.init_from) if p))
+                     reads=tuple(p for p in (args.base, cfg.train.init_from) if p))
     device = dist.init(pick_device(args.device))   # under torchrun: join the others; cuda:LOCAL_RANK on CUDA
     cfg.train.precision, why = amp.resolve(cfg.train.precision, device)   # "auto" made concrete, recorded
     try:
@@ -151,7 +151,7 @@ def train(argv: list[str]) -> int:
             check_judgeable(splits)                 # now, not after every training stage has run
         data = splits.train
         fit_to_data(cfg, data.num_classes, cfg.data.resolution)    # classes, side, the head's width for K > 2
-        for flag, path in (("--base", args.base), ("--init-from", args.init_from)):
+        for flag, path in (("--base", args.base), ("--init-from", cfg.train.init_from)):   # or --set train.init_from
             if path:
                 pipeline.check_base_fits(path, cfg, flag)           # made for this data, or refused now
         dist.print0(f"[precision] {cfg.train.precision} ({why})")

@@ -94,6 +94,8 @@ def test_overwrite_refuses_a_base_inside_the_run_it_would_replace(run, tmp_path)
     before = sorted(p.relative_to(mine) for p in mine.rglob("*"))
     fails_with("train.py", ["--preset", "tiny", "--out", str(mine), "--overwrite", "--base", str(mine / "base")],
                "lies inside", "--overwrite moves aside", "copy it out")
+    fails_with("train.py", ["--preset", "tiny", "--out", str(mine), "--overwrite", "--set",
+                            f"train.init_from={mine / 'base'}"], "lies inside")   # the same through --set
     assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before
     link = tmp_path / "link"                                  # --overwrite would move the link, not the run
     link.symlink_to(mine)
