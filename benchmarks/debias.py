@@ -162,10 +162,7 @@ def main() -> None:
 
 def run(args) -> None:
     """Check every flag before anything long, then benchmark (or merge) as the flags say."""
-    try:
-        check_strengths(args.strengths, "--strengths")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_strengths(args.strengths, "--strengths")      # a ValueError: one line through exit_on_error
     for flag, value in (("--n-per-class", args.n_per_class), ("--head-steps", args.head_steps)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be at least 1, got {value}")
