@@ -23,6 +23,7 @@ from invdiff_min.checkpoint import CheckpointError, load_unet
 from invdiff_min.config import check_strengths
 from invdiff_min.data import load_splits, to_model_range
 from invdiff_min.diffusion import denoising_loss
+from invdiff_min.errors import exit_on_error
 from invdiff_min.guidance import GuidedModel, load_head
 from invdiff_min.runs import read_run_config
 from invdiff_min.scheduler import DDPMScheduler
@@ -61,10 +62,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    try:
-        check_strengths(args.strengths, "--strengths")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    with exit_on_error():                        # a late ValueError or OSError ends in one line too
+        run(args)
+
+
+def run(args) -> None:
+    """Check every flag before anything long, then measure each model's risk on each hidden cell."""
+    check_strengths(args.strengths, "--strengths")      # a ValueError: one line through exit_on_error
     if args.json and not Path(args.json).parent.is_dir():
         raise SystemExit(f"error: --json {args.json}: its folder does not exist; create it or pass another path")
     if args.per_cell < 1 or args.draws < 1:
@@ -73,10 +77,7 @@ def main() -> None:
         raise SystemExit(f"error: --bands must be at least two increasing timesteps from 0, got {args.bands}")
 
     run_dir = Path(args.run)
-    try:
-        cfg = read_run_config(run_dir)[0]
-    except (CheckpointError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = read_run_config(run_dir)[0]
     data = load_splits(cfg.data).train
     base, _, _ = load_unet(run_dir, "cpu")
     scheduler = DDPMScheduler(**cfg.diffusion.scheduler_kwargs())

@@ -1,5 +1,6 @@
 """The scripts end to end on the tiny preset: resume after a crash, the whole pipeline, sample.py, errors."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,12 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
                       (["--run", str(out), "--json", str(tmp_path / "no" / "d.json")], "does not exist")):
         r = run("benchmarks/debias.py", *bad)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # an error found late (a run's settings without its base model) is one line in cell_risks.py too
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(out / "config.json", lone)
+    r = run("benchmarks/cell_risks.py", "--run", str(lone))
+    assert r.returncode != 0 and "no complete checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr
     # groups.* settings regroup the variants grouped from the run's losses, and are refused for the others
     r = run("benchmarks/debias.py", "--run", str(out), "--variants", "invdiff", "--set", "groups.top_fraction=0.3",
             "--tag", "_tf")
