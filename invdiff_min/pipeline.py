@@ -215,11 +215,17 @@ def check_base_fits(path: str | Path, cfg: RunConfig, flag: str) -> None:
     """Refuse a --base / --init-from checkpoint made for other data: its classes or image side differ from the
     data's (cfg after fit_to_data). Reads state.json only, before the run folder is touched."""
     ckpt = resolve_checkpoint(path)
-    unet = read_state(ckpt).get("config", {}).get("unet", {})
-    if not isinstance(unet, dict):
-        raise CheckpointError(f"{ckpt / 'state.json'}: config.unet is not an object; restore the checkpoint")
-    classes = unet.get("num_classes")
-    if flag == "--init-from" and classes is None:        # an unconditional model gains its class embedding
+    config = read_state(ckpt).get("config")
+    unet = config.get("unet") if isinstance(config, dict) else None
+    if not isinstance(unet, dict) or "num_classes" not in unet:
+        raise CheckpointError(f"{ckpt / 'state.json'} does not say which classes the model was made for (no "
+                              f"config.unet.num_classes); restore the checkpoint, or pass one written by train.py "
+                              f"or convert.py")
+    classes = unet["num_classes"]
+    if classes is None and flag == "--base":
+        raise CheckpointError(f"--base {ckpt} is an unconditional model (no class embedding), but the base must be "
+                              f"class-conditional; pass it as --init-from to fine-tune it on this data's classes")
+    if classes is None:                                  # --init-from: an unconditional model gains its embedding
         classes = cfg.unet.num_classes
     for have, want, what in ((classes, cfg.unet.num_classes, "classes"),
                              (unet.get("sample_size"), cfg.unet.sample_size, "an image side of")):
@@ -542,10 +548,19 @@ def summary_table(summary: dict) -> str:
 
 # ----- the run folder: every stage in turn -----------------------------------------------------------------
 def run_record(argv: list[str], device, data: BiasedDataset) -> dict:
-    """What config.json records beside the config: the command, the versions, the device, the class names."""
+    """What config.json records beside the config: the command, the versions, the device, the class names and
+    the training data's fingerprint (a --resume on other data is refused: runs.start_run)."""
     return {"command": ["train.py", *argv], "torch": torch.__version__, "invdiff_min": __version__,
             "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
-            "class_names": list(data.class_names)}
+            "class_names": list(data.class_names), "training_data": data_fingerprint(data)}
+
+
+def data_fingerprint(data: BiasedDataset) -> dict:
+    """Which training data a run was made from: its image shape and short hashes of its sample index and its
+    class labels. Pixels are left out on purpose: JPEG and PNG decoders may differ by a unit between machines,
+    and a run must resume on another machine; an edited label, an added or removed image all show here."""
+    return {"image shape": list(data.images.shape[1:]), "sample index": fingerprint({"index": data.index}),
+            "labels": fingerprint({"labels": data.labels})}
 
 
 def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device, stage: str = "all",

@@ -205,3 +205,42 @@ def test_set_reaches_any_config_field_and_the_run_records_it(tmp_path):
     cfg = json.loads((out / "config.json").read_text())["config"]
     assert cfg["train"]["steps"] == 2 and cfg["head"]["lam"] == 2.5 and cfg["losses"]["t_window"] == [500, 800]
     assert cfg["head"]["block_out_channels"] == [8, 16] and cfg["groups"]["method"] == "official"
+
+
+def test_resume_on_other_data_is_refused_naming_what_differs(tmp_path):
+    """An edited label in metadata.csv, or an image taken out, would otherwise resume silently on other data."""
+    data = image_folder(tmp_path / "data", per_cell=8)
+    run = tmp_path / "run"
+    args = ["--preset", "tiny", "--dataset", "folder", "--data-root", data, "--out", run, "--stage", "base",
+            "--steps", "2", "--no-progress", "--set", "data.eval_per_group=2"]
+    assert run_script("train.py", args) == 0
+    recorded = json.loads((run / "config.json").read_text())["training_data"]
+    assert set(recorded) == {"image shape", "sample index", "labels"}, recorded
+    before = snapshot(run)
+    csv = data / "metadata.csv"
+    rows = csv.read_text().splitlines()
+    name, y, b = rows[-1].split(",")                         # the last training image changes class
+    csv.write_text("\n".join(rows[:-1] + [f"{name},{1 - int(y)},{b}"]) + "\n")
+    fails_with("train.py", [*args, "--resume"], str(run), "was trained on other data", "labels",
+               "--out NEW_FOLDER")
+    csv.write_text("\n".join(rows[:-1]) + "\n")              # an image taken out
+    fails_with("train.py", [*args, "--resume"], "was trained on other data", "sample index")
+    assert snapshot(run) == before
+    csv.write_text("\n".join(rows) + "\n")                   # the data it was made from: resumes
+    assert run_script("train.py", [*args, "--resume"]) == 0
+
+
+def test_a_base_checkpoint_that_does_not_say_its_classes_is_named(base_run, tmp_path):
+    run = copy_of(base_run, tmp_path)
+    state_file = sorted((run / "base").glob("ckpt-*"))[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["state_sha256"]                                # a deliberate edit (checkpoint.read_state)
+    for config, message in ((["not", "an", "object"], "config.unet.num_classes"),
+                            ({"unet": {"sample_size": 16}}, "config.unet.num_classes"),
+                            ({**state["config"], "unet": {**state["config"]["unet"], "num_classes": None}},
+                             "unconditional")):
+        state_file.write_text(json.dumps({**state, "config": config}))
+        text = fails_with("train.py", ["--preset", "tiny", "--out", tmp_path / "new", "--base", run / "base"],
+                          str(state_file.parent), message)
+        assert not (tmp_path / "new").exists()
+    assert "--init-from" in text                             # the unconditional model's way in
