@@ -558,9 +558,11 @@ def run_record(argv: list[str], device, data: BiasedDataset) -> dict:
 def data_fingerprint(data: BiasedDataset) -> dict:
     """Which training data a run was made from: its image shape and short hashes of its sample index and its
     class labels. Pixels are left out on purpose: JPEG and PNG decoders may differ by a unit between machines,
-    and a run must resume on another machine; an edited label, an added or removed image all show here."""
-    return {"image shape": list(data.images.shape[1:]), "sample index": fingerprint({"index": data.index}),
-            "labels": fingerprint({"labels": data.labels})}
+    and a run must resume on another machine; an edited label, an added or removed image all show here. Taken
+    in sample-index order, so the order a loader lists the samples in does not matter."""
+    order = data.index.argsort()
+    return {"image shape": list(data.images.shape[1:]), "sample index": fingerprint({"index": data.index[order]}),
+            "labels": fingerprint({"labels": data.labels[order]})}
 
 
 def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device, stage: str = "all",
