@@ -547,22 +547,24 @@ def summary_table(summary: dict) -> str:
 
 
 # ----- the run folder: every stage in turn -----------------------------------------------------------------
-def run_record(argv: list[str], device, data: BiasedDataset) -> dict:
+def run_record(argv: list[str], device, splits: DataSplits) -> dict:
     """What config.json records beside the config: the command, the versions, the device, the class names and
-    the training data's fingerprint (a --resume on other data is refused: runs.start_run)."""
+    the data's fingerprint (a --resume on other data is refused: runs.start_run)."""
     return {"command": ["train.py", *argv], "torch": torch.__version__, "invdiff_min": __version__,
             "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
-            "class_names": list(data.class_names), "training_data": data_fingerprint(data)}
+            "class_names": list(splits.train.class_names), "data": data_fingerprint(splits)}
 
 
-def data_fingerprint(data: BiasedDataset) -> dict:
-    """Which training data a run was made from: its image shape and short hashes of its sample index and its
-    class labels. Pixels are left out on purpose: JPEG and PNG decoders may differ by a unit between machines,
-    and a run must resume on another machine; an edited label, an added or removed image all show here. Taken
-    in sample-index order, so the order a loader lists the samples in does not matter."""
-    order = data.index.argsort()
-    return {"image shape": list(data.images.shape[1:]), "sample index": fingerprint({"index": data.index[order]}),
-            "labels": fingerprint({"labels": data.labels[order]})}
+def data_fingerprint(splits: DataSplits) -> dict:
+    """Which data a run was made from: the image shape and, for each split, short hashes of its sample index
+    (in loaded order: batches are drawn by position) and of its class and attribute labels. Pixels are left
+    out on purpose: JPEG and PNG decoders may differ by a unit between machines, and a run must resume on
+    another machine; an edited label, an added or removed image all show here."""
+    record = {"image shape": list(splits.train.images.shape[1:])}
+    for name, part in (("training", splits.train), ("evaluation", splits.eval)):
+        record[f"{name} samples"] = fingerprint({"index": part.index})
+        record[f"{name} labels"] = fingerprint({"class": part.labels, "attribute": part.bias})
+    return record
 
 
 def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device, stage: str = "all",

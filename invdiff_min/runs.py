@@ -153,7 +153,7 @@ def start_run(run_dir: Path, config: dict, record: dict, *, resume: bool, overwr
         if fixed:
             raise RunFolderError(f"{run_dir} was made with a different config ({', '.join(fixed[:6])} differ); resume "
                                  f"with the same --preset and options, or use --out NEW_FOLDER")
-        check_same_data(run_dir, saved.get("training_data"), record.get("training_data"))
+        check_same_data(run_dir, saved.get("data"), record.get("data"), config.get("data", {}))
         if changed:
             print(f"[resume] continuing with the new {', '.join(changed)}")
     elif cfg_file.is_file() and overwrite:
@@ -165,16 +165,19 @@ def start_run(run_dir: Path, config: dict, record: dict, *, resume: bool, overwr
     return moved
 
 
-def check_same_data(run_dir: Path, saved, now) -> None:
+def check_same_data(run_dir: Path, saved, now, data: dict) -> None:
     """--resume on the data the run was made from (pipeline.data_fingerprint), or refused naming what differs.
-    Runs made before the fingerprint was recorded have none and are not checked."""
+    Runs made before the fingerprint was recorded have none; their first resume records it."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return
     differ = [key for key in now if saved.get(key) != now[key]]
-    if differ:
-        raise RunFolderError(f"{run_dir} was trained on other data: its {' and '.join(differ)} differ from the data "
-                             f"given now (a label edited, an image added or removed?); resume with the data it was "
-                             f"made from, or train on this data with --out NEW_FOLDER")
+    if not differ:
+        return
+    where = (f"the dataset in {data['data_root']} (an edited label, an image added or removed?)" if
+             data.get("data_root") else f"the built-in {data.get('name')} dataset as this torch version generates it")
+    raise RunFolderError(f"{run_dir} was made from other data: its config.json records other {', '.join(differ)} "
+                         f"than {where} gives now; restore the data as it was, or train on it as it is with --out "
+                         f"NEW_FOLDER")
 
 
 def discard_replaced(moved: Path | None) -> None:

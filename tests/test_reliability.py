@@ -214,17 +214,20 @@ def test_resume_on_other_data_is_refused_naming_what_differs(tmp_path):
     args = ["--preset", "tiny", "--dataset", "folder", "--data-root", data, "--out", run, "--stage", "base",
             "--steps", "2", "--no-progress", "--set", "data.eval_per_group=2"]
     assert run_script("train.py", args) == 0
-    recorded = json.loads((run / "config.json").read_text())["training_data"]
-    assert set(recorded) == {"image shape", "sample index", "labels"}, recorded
+    recorded = json.loads((run / "config.json").read_text())["data"]
+    assert set(recorded) == {"image shape", "training samples", "training labels", "evaluation samples",
+                             "evaluation labels"}, recorded
     before = snapshot(run)
     csv = data / "metadata.csv"
     rows = csv.read_text().splitlines()
-    name, y, b = rows[-1].split(",")                         # the last training image changes class
-    csv.write_text("\n".join(rows[:-1] + [f"{name},{1 - int(y)},{b}"]) + "\n")
-    fails_with("train.py", [*args, "--resume"], str(run), "was trained on other data", "labels",
-               "--out NEW_FOLDER")
+    for i in (1, len(rows) - 1):                             # the first image, then the last, changes class
+        name, y, b = rows[i].split(",")
+        edited = rows[:i] + [f"{name},{1 - int(y)},{b}"] + rows[i + 1:]
+        csv.write_text("\n".join(edited) + "\n")
+        fails_with("train.py", [*args, "--resume"], str(run), "was made from other data", "labels",
+                   str(data), "--out NEW_FOLDER")
     csv.write_text("\n".join(rows[:-1]) + "\n")              # an image taken out
-    fails_with("train.py", [*args, "--resume"], "was trained on other data", "sample index")
+    fails_with("train.py", [*args, "--resume"], "was made from other data", "samples")
     assert snapshot(run) == before
     csv.write_text("\n".join(rows) + "\n")                   # the data it was made from: resumes
     assert run_script("train.py", [*args, "--resume"]) == 0
