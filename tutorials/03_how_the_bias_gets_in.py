@@ -115,11 +115,11 @@ plt.show()
 # briefly trained), and almost always on the background the class has in the data. In the sorted rows
 # (land first), the right end of the disc row holds the discs drawn on water; the left end of the square
 # row holds the samples requested as squares that came out on land, and most of those are drawn as discs
-# (the land column of the squares' table; 17 of 24 when we ran it): the model produced the other class's
+# (the land column of the squares' table; 16 of 23 when we ran it): the model produced the other class's
 # shape together with that class's background. The minority share counts every sample of a class on its
 # minority background, whatever shape it shows; the tables split each class by the shape actually drawn.
 # They also show where the fidelity goes: nearly all the wrong shapes are squares drawn as discs, mostly
-# on water (87 of 92 when we ran it). Its Bias is close to the data's 0.9 (a little lower: about 0.8 when
+# on water (89 of 96 when we ran it). Its Bias is close to the data's 0.9 (a little lower: about 0.8 when
 # we ran it, with minority shares of about 0.1 rather than 0.05). Nobody put the bias in on purpose; it
 # came with the data.
 #

@@ -180,7 +180,7 @@ ax.legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
-# What to see: every curve falls by about a third over the 4,500 steps (from about 0.027 to 0.017 for the
+# What to see: every curve falls by about a third over the 4,500 steps (from about 0.027 to 0.018 for the
 # group-aware heads), under the swings that come from the $t$ of each batch. The uniform control's $L_e$ is the
 # plain mean loss over uniform batches, mostly majority images, so its level is not comparable. The loss curve
 # cannot show what the head does to each group; the next cell measures it.
@@ -257,7 +257,7 @@ plt.show()
 # group-aware heads take the most off the two minority cells (InvDiff: disc / water 0.0126 -> 0.0097, square /
 # land 0.0106 -> 0.0077, 0.0029 each, against 0.0022 and 0.0024 for the majority cells) and the spread shrinks
 # to 0.0027. The uniform control, trained on the plain loss, helps the majority cells most (0.0092 -> 0.0064 on
-# disc / land) and the minority the least (0.0126 -> 0.0113), so its spread grows to 0.0049: the plain loss
+# disc / land) and the minority the least (0.0126 -> 0.0112), so its spread grows to 0.0048: the plain loss
 # is dominated by the majority, and improving it widens the gap between groups. That difference, on images none
 # of the heads saw, is what minimising $L_e$ over the groups buys. The $\lambda = 0$ head is within 0.0001 of
 # the InvDiff head: here the balanced batches (a mean over groups) do the work, and the variance term adds
@@ -322,16 +322,16 @@ plt.show()
 
 # %% [markdown]
 # What to see: at $w = 1$, the strength the heads were trained at, the group-aware heads already remove most of
-# the bias: InvDiff takes the Bias from 0.81 to 0.15 (minority shares 0.47 and 0.38 against 0.08 and 0.11), the
-# $\lambda = 0$ head to 0.09, the oracle to 0.21, and fidelity rises (0.96 against the base's 0.795: the head
-# also fine-tunes). The uniform control stays at the base's level (0.83) with the base's fidelity: a fine-tune
-# without groups does not touch the bias. At the library's default $w = 2$ InvDiff gives 0.18 (a 78% cut) at
+# the bias: InvDiff takes the Bias from 0.81 to 0.10 (minority shares 0.49 and 0.41 against 0.08 and 0.11), the
+# $\lambda = 0$ head to 0.07, the oracle to 0.21, and fidelity rises (0.96 against the base's 0.79: the head
+# also fine-tunes). The uniform control stays near the base's level (0.77) and fidelity (0.775): a fine-tune
+# without groups does not touch the bias. At the library's default $w = 2$ InvDiff gives 0.16 (an 80% cut) at
 # fidelity 0.98. Past that the heads overshoot: at $w = 3$ the squares land on land more often than on water
-# (0.58) and fidelity falls back to 0.81. The uniform control is the warning: at $w = 2$ and 3 its Bias falls too
-# (0.28, 0.10), but only as its fidelity collapses (0.735, 0.545; its rows in the grid below are pale, washed-out
+# (0.59) and fidelity falls back to 0.82. The uniform control is the warning: at $w = 2$ and 3 its Bias falls too
+# (0.28, 0.08), but only as its fidelity collapses (0.710, 0.555; its rows in the grid below are pale, washed-out
 # images), so the reader's verdict on the background means little there. Read Bias together with fidelity. With
 # 200 samples per point, differences below about 0.06 are noise. Among the group-aware heads the $\lambda = 0$ head does
-# best here (0.09) and the oracle worst (0.26 at $w = 2$), but each is one head trained once, and the order
+# best here (0.07) and the oracle worst (0.26 at $w = 2$), but each is one head trained once, and the order
 # is not one to rely on (on the README's larger `cpu` preset the same default recipe takes InvDiff from 0.79
 # to 0.08).
 
@@ -387,8 +387,8 @@ print(f"w =  0: Bias {r_base['bias']:.3f}, minority share {[round(m, 3) for m in
 
 # %% [markdown]
 # Expected, if $G_\psi$ were a plain "toward the minority" knob: the Bias rises and the minority shares fall.
-# What happens: the images break (fidelity 0.52 against 0.795) and the Bias *falls* (0.67), with discs on water
-# 94% of the time. The head was trained only at $w = 1$; at $w = -2$ the prediction leaves every image the base
+# What happens: the images break (fidelity 0.465 against 0.79) and the Bias *falls* (0.62), with discs on water
+# 92% of the time. The head was trained only at $w = 1$; at $w = -2$ the prediction leaves every image the base
 # model drew, and the background reader's verdict on images that no longer show the requested shape means
 # little. Lesson: read fidelity before Bias.
 #
@@ -403,7 +403,7 @@ print(f"w = {w_big:g}: Bias {r_big['bias']:.3f}, minority share {[round(m, 3) fo
 
 # %% [markdown]
 # Expected: past the balance point. At $w = 4$ the squares overshoot onto land (0.62) while the discs fall
-# back to 0.22, so the Bias rises again (0.40 against 0.18 at $w = 2$), and fidelity drops to 0.625: the
+# back to 0.23, so the Bias rises again (0.39 against 0.16 at $w = 2$), and fidelity drops to 0.63: the
 # strength that balances the classes is near the trained one, and extrapolating further costs both.
 #
 # **Next:** tutorial 6 runs the same pipeline from converted pretrained weights.

@@ -159,8 +159,8 @@ show_rows(rows, names, 0.75 * len(names))
 # %% [markdown]
 # What to see: the numbers and pictures of tutorial 5's InvDiff head: same weights, same groups, same
 # seeds. The converted model is as biased as tutorial 2's (Bias 0.81). With tutorial 5's head (the library's
-# default) the Bias falls to 0.18 at $w = 2$ with fidelity 0.98, and at $w = 4$ overshoots (0.40, fidelity
-# 0.625): tutorial 5's numbers to the digit, on the same function.
+# default) the Bias falls to 0.16 at $w = 2$ with fidelity 0.98, and at $w = 4$ overshoots (0.39, fidelity
+# 0.63): tutorial 5's numbers to the digit, on the same function.
 #
 # ## 4. Unconditional checkpoints: `--init-from`
 #
