@@ -159,8 +159,8 @@ def train(argv: list[str]) -> int:
                     f"{list(data.class_names)}, {data.num_attributes} attribute values (hidden)")
         replaced = None
         if dist.is_main():                          # rank 0 prepares the run folder, the others wait
-            replaced = start_run(run_dir, cfg.to_dict(), pipeline.run_record(argv, device, splits), resume=args.resume,
-                                 overwrite=args.overwrite)
+            record = pipeline.run_record(["train.py", *argv], device, splits)
+            replaced = start_run(run_dir, cfg.to_dict(), record, resume=args.resume, overwrite=args.overwrite)
         dist.barrier()
         summary = pipeline.run(cfg, splits, run_dir, device, args.stage, heads, base_path, args.compare,
                                not args.no_progress, replaced)

@@ -39,7 +39,8 @@ from .guidance import load_head
 from .metrics import attribute_shares, auroc, bias_score, minority_share
 from .plots import save_grid, save_loss_curve, save_loss_histogram
 from .progress import progress_bar
-from .runs import GROUPS_FILES, LOSSES_FILES, MetricsLog, complete, discard_replaced, resume_stage, save_stage
+from .runs import (GROUPS_FILES, LOSSES_FILES, MetricsLog, check_same_run, complete, discard_replaced, resume_stage,
+                   save_stage)
 from .scheduler import DDPMScheduler
 from .unet import UNet, UNetConfig, count_parameters
 from .version import __version__
@@ -547,10 +548,10 @@ def summary_table(summary: dict) -> str:
 
 
 # ----- the run folder: every stage in turn -----------------------------------------------------------------
-def run_record(argv: list[str], device, splits: DataSplits) -> dict:
+def run_record(command: list[str], device, splits: DataSplits) -> dict:
     """What config.json records beside the config: the command, the versions, the device, the class names and
-    the data's fingerprint (a --resume on other data is refused: runs.start_run)."""
-    return {"command": ["train.py", *argv], "torch": torch.__version__, "invdiff_min": __version__,
+    the data's fingerprint (a --resume on other data is refused: runs.check_same_run)."""
+    return {"command": list(command), "torch": torch.__version__, "invdiff_min": __version__,
             "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
             "class_names": list(splits.train.class_names), "data": data_fingerprint(splits)}
 
@@ -574,10 +575,22 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
     its newest checkpoint, or is skipped when its outputs are complete. `base_path`: use that base checkpoint
     instead of training one. `replaced`: the old run --overwrite moved aside, deleted after the first stage.
     Returns the summary of the eval stage (rank 0), else None. `cfg` is first fitted to the data in place
-    (classes, side, head width: config.fit_to_data), as train.py does before saving it."""
+    (classes, side, head width: config.fit_to_data), as train.py does before saving it. A folder with a
+    config.json continues only with that config (learning rates and precision excepted) and the same data
+    (runs.check_same_run); a new folder gets one."""
     data = splits.train
     fit_to_data(cfg, data.num_classes, cfg.data.resolution)
     t0 = time.time()
+    # a folder continues only as it was made (train.py has checked already; from Python this is the check):
+    # another config or other data would resume its checkpoints, losses and groups silently
+    saved = run_dir / "config.json"
+    changed = check_same_run(run_dir, cfg.to_dict(), data_fingerprint(splits)) if saved.is_file() else None
+    if changed != [] and dist.is_main():            # a new folder, or a new learning rate or precision: recorded
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = read_json_object(saved) if changed else run_record(["invdiff_min.pipeline.run"], device, splits)
+        record.pop("config", None)
+        write_json(saved, {"config": cfg.to_dict(), **record})
+    dist.barrier()
 
     def wanted(name: str) -> bool:
         return stage in ("all", name)

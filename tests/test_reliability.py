@@ -247,3 +247,30 @@ def test_a_base_checkpoint_that_does_not_say_its_classes_is_named(base_run, tmp_
                           str(state_file.parent), message)
         assert not (tmp_path / "new").exists()
     assert "--init-from" in text                             # the unconditional model's way in
+
+
+def test_the_python_api_resumes_a_folder_only_as_it_was_made(tmp_path):
+    """pipeline.run from Python checks the folder's config.json as train.py --resume does: another config or
+    other data would otherwise resume its checkpoints silently; a new learning rate is taken and recorded."""
+    import torch
+
+    from invdiff_min.config import get_preset
+    from invdiff_min.data import load_splits
+    from invdiff_min.runs import RunFolderError
+
+    cfg, folder, cpu = get_preset("tiny"), tmp_path / "run", torch.device("cpu")
+    cfg.train.steps = 2
+    splits = load_splits(cfg.data)
+    pipeline.run(cfg, splits, folder, cpu, "base", progress=False)
+    record = json.loads((folder / "config.json").read_text())
+    assert record["command"] == ["invdiff_min.pipeline.run"] and record["config"]["train"]["steps"] == 2
+    cfg.train.steps = 3
+    with pytest.raises(RunFolderError, match="different config .*train.steps"):
+        pipeline.run(cfg, splits, folder, cpu, "base", progress=False)
+    cfg.train.steps, edited = 2, load_splits(cfg.data)
+    edited.train.bias[0] = 1 - edited.train.bias[0]                      # one attribute label edited
+    with pytest.raises(RunFolderError, match="other data.*training labels"):
+        pipeline.run(cfg, edited, folder, cpu, "base", progress=False)
+    cfg.train.lr = 5e-4
+    pipeline.run(cfg, splits, folder, cpu, "base", progress=False)
+    assert json.loads((folder / "config.json").read_text())["config"]["train"]["lr"] == 5e-4
