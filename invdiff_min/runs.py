@@ -144,7 +144,8 @@ def start_run(run_dir: Path, config: dict, record: dict, *, resume: bool, overwr
     cfg_file, moved = run_dir / "config.json", None
     config = json.loads(json.dumps(config))
     if cfg_file.is_file() and resume:
-        changed = check_same_run(run_dir, config, record.get("data"))
+        changed = check_same_run(run_dir, config, record.get("data"), "resume with the same --preset and options",
+                                 "train into --out NEW_FOLDER")
         if changed:
             print(f"[resume] continuing with the new {', '.join(changed)}")
     elif cfg_file.is_file() and overwrite:
@@ -156,25 +157,25 @@ def start_run(run_dir: Path, config: dict, record: dict, *, resume: bool, overwr
     return moved
 
 
-def check_same_run(run_dir: Path, config: dict, data: dict | None) -> list[str]:
+def check_same_run(run_dir: Path, config: dict, data: dict | None, same: str, elsewhere: str) -> list[str]:
     """A run continues only as it was made: `config` (a RunConfig dict) against its config.json, where only
     RESUMABLE_CHANGES may differ, and the data fingerprint `data` against the one recorded there; anything else
-    is refused naming what differs. Returns the changed resumable fields."""
+    is refused naming what differs and the caller's ways out (`same`: how to pass the same config; `elsewhere`:
+    how to start a new run; flags for train.py, arguments from Python). Returns the changed resumable fields."""
     cfg_file = run_dir / "config.json"
-    saved = read_json_object(cfg_file, "restore it, or start a new run with --out NEW_FOLDER")
+    saved = read_json_object(cfg_file, f"restore it, or {elsewhere}")
     if not isinstance(saved.get("config"), dict):
-        raise CheckpointError(f"{cfg_file} is not a run config (no 'config' object); restore it, or start a new "
-                              f"run with --out NEW_FOLDER")
+        raise CheckpointError(f"{cfg_file} is not a run config (no 'config' object); restore it, or {elsewhere}")
     changed = config_changes(saved["config"], json.loads(json.dumps(config)))
     fixed = [c for c in changed if c not in RESUMABLE_CHANGES]
     if fixed:
-        raise RunFolderError(f"{run_dir} was made with a different config ({', '.join(fixed[:6])} differ); resume "
-                             f"with the same --preset and options, or use --out NEW_FOLDER")
-    check_same_data(run_dir, saved.get("data"), data, config.get("data", {}))
+        raise RunFolderError(f"{run_dir} was made with a different config ({', '.join(fixed[:6])} differ from "
+                             f"{cfg_file}); {same}, or {elsewhere}")
+    check_same_data(run_dir, saved.get("data"), data, config.get("data", {}), elsewhere)
     return changed
 
 
-def check_same_data(run_dir: Path, saved, now, data: dict) -> None:
+def check_same_data(run_dir: Path, saved, now, data: dict, elsewhere: str) -> None:
     """--resume on the data the run was made from (pipeline.data_fingerprint), or refused naming what differs.
     Runs made before the fingerprint was recorded have none; their first resume records it."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
@@ -185,7 +186,7 @@ def check_same_data(run_dir: Path, saved, now, data: dict) -> None:
     where = (f"the dataset in {data['data_root']} gives now (an edited label, an image added or removed?)" if
              data.get("data_root") else f"the built-in {data.get('name')} dataset gives with this torch version")
     raise RunFolderError(f"{run_dir} was made from other data: its config.json records other {', '.join(differ)} "
-                         f"than {where}; restore the data as it was, or train on it as it is with --out NEW_FOLDER")
+                         f"than {where}; restore the data as it was, or {elsewhere}")
 
 
 def discard_replaced(moved: Path | None) -> None:

@@ -264,8 +264,9 @@ def test_the_python_api_resumes_a_folder_only_as_it_was_made(tmp_path):
     pipeline.run(cfg, splits, folder, cpu, "base", progress=False)
     record = json.loads((folder / "config.json").read_text())
     assert record["command"] == ["invdiff_min.pipeline.run"] and record["config"]["train"]["steps"] == 2
+    assert record["config"]["train"]["precision"] in ("fp32", "bf16") and "data" in record   # as train.py records
     cfg.train.steps = 3
-    with pytest.raises(RunFolderError, match="different config .*train.steps"):
+    with pytest.raises(RunFolderError, match="different config .*train.steps differ from .*config.json.*another run"):
         pipeline.run(cfg, splits, folder, cpu, "base", progress=False)
     cfg.train.steps, edited = 2, load_splits(cfg.data)
     edited.train.bias[0] = 1 - edited.train.bias[0]                      # one attribute label edited
