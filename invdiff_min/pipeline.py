@@ -576,9 +576,8 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
     instead of training one. `replaced`: the old run --overwrite moved aside, deleted after the first stage.
     Returns the summary of the eval stage (rank 0), else None. `cfg` is first fitted to the data in place
     (classes, side, head width: config.fit_to_data; precision "auto" made concrete), as train.py does before
-    saving it. A folder with a
-    config.json continues only with that config (learning rates and precision excepted) and the same data
-    (runs.check_same_run); a new folder gets one."""
+    saving it. A folder with a config.json continues only with that config (learning rates and precision
+    excepted) and the same data (runs.check_same_run); a new folder gets one."""
     data = splits.train
     fit_to_data(cfg, data.num_classes, cfg.data.resolution)
     cfg.train.precision, _ = amp.resolve(cfg.train.precision, device)   # "auto" made concrete, as train.py does
@@ -586,15 +585,16 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
     # a folder continues only as it was made (train.py has checked already; from Python this is the check):
     # another config or other data would resume its checkpoints, losses and groups silently
     saved, changed, recorded = run_dir / "config.json", None, False
+    record = run_record(["invdiff_min.pipeline.run"], device, splits)
     if saved.is_file():
-        changed = check_same_run(run_dir, cfg.to_dict(), data_fingerprint(splits), f"pass the config it was made with "
-                                 f"(RunConfig.from_dict of the 'config' in {saved})", "use another run_dir")
-        recorded = "data" in read_json_object(saved)
+        changed, kept = check_same_run(run_dir, cfg.to_dict(), record["data"], f"pass the config it was made "
+                                       f"with (RunConfig.from_dict of the 'config' in {saved})", "use another run_dir")
+        recorded = "data" in kept
         if changed:
             dist.print0(f"[resume] continuing with the new {', '.join(changed)}")
     if (changed or not recorded) and dist.is_main():   # a new folder, a new learning rate or precision, a record
         run_dir.mkdir(parents=True, exist_ok=True)      # without the data's fingerprint: written afresh
-        write_json(saved, {"config": cfg.to_dict(), **run_record(["invdiff_min.pipeline.run"], device, splits)})
+        write_json(saved, {"config": cfg.to_dict(), **record})
     dist.barrier()
 
     def wanted(name: str) -> bool:

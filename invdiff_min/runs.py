@@ -144,8 +144,8 @@ def start_run(run_dir: Path, config: dict, record: dict, *, resume: bool, overwr
     cfg_file, moved = run_dir / "config.json", None
     config = json.loads(json.dumps(config))
     if cfg_file.is_file() and resume:
-        changed = check_same_run(run_dir, config, record.get("data"), "resume with the same --preset and options",
-                                 "train into --out NEW_FOLDER")
+        changed, _ = check_same_run(run_dir, config, record.get("data"), "resume with the same --preset and options",
+                                    "train into --out NEW_FOLDER")
         if changed:
             print(f"[resume] continuing with the new {', '.join(changed)}")
     elif cfg_file.is_file() and overwrite:
@@ -157,11 +157,13 @@ def start_run(run_dir: Path, config: dict, record: dict, *, resume: bool, overwr
     return moved
 
 
-def check_same_run(run_dir: Path, config: dict, data: dict | None, same: str, elsewhere: str) -> list[str]:
+def check_same_run(run_dir: Path, config: dict, data: dict | None, same: str,
+                   elsewhere: str) -> tuple[list[str], dict]:
     """A run continues only as it was made: `config` (a RunConfig dict) against its config.json, where only
     RESUMABLE_CHANGES may differ, and the data fingerprint `data` against the one recorded there; anything else
     is refused naming what differs and the caller's ways out (`same`: how to pass the same config; `elsewhere`:
-    how to start a new run; flags for train.py, arguments from Python). Returns the changed resumable fields."""
+    how to start a new run; flags for train.py, arguments from Python). Returns the changed resumable fields and
+    the config.json it read."""
     cfg_file = run_dir / "config.json"
     saved = read_json_object(cfg_file, f"restore it, or {elsewhere}")
     if not isinstance(saved.get("config"), dict):
@@ -172,7 +174,7 @@ def check_same_run(run_dir: Path, config: dict, data: dict | None, same: str, el
         raise RunFolderError(f"{run_dir} was made with a different config ({', '.join(fixed[:6])} differ from "
                              f"{cfg_file}); {same}, or {elsewhere}")
     check_same_data(run_dir, saved.get("data"), data, config.get("data", {}), elsewhere)
-    return changed
+    return changed, saved
 
 
 def check_same_data(run_dir: Path, saved, now, data: dict, elsewhere: str) -> None:
