@@ -144,9 +144,10 @@ for mode in ("uniform", "balanced"):
 # `pipeline.train_head` runs the loop: a balanced batch, paired $(t, \varepsilon)$ draws, $\hat\varepsilon$
 # with $w = 1$, $L_e$, AdamW on $\psi$ only, an EMA of the head's weights for sampling. The recipe is the
 # library's default (`HeadConfig`), unchanged: 4,500 steps at a constant rate of 1e-3, batch 64, $\lambda = 1$,
-# and the default head size, so what this notebook shows is what `python train.py` does at the default
-# strength $w = 2$. (Beside the tutorial's small base model the default head is large, about four fifths of the
-# base's parameters; on the `cpu` preset's base it is a fifth.) Four sets of groups and objectives:
+# and the default head size, so what this notebook trains is the head `python train.py` trains; it samples
+# with DDIM-20 at $w = 2$ to stay short (the library's evaluation: DDPM-100 at $w = 1.5$, see below).
+# (Beside the tutorial's small base model the default head is large, about four fifths of the base's
+# parameters; on the `cpu` preset's base it is a fifth.) Four sets of groups and objectives:
 # * **invdiff**: the inferred groups of stage B (label-free), $\lambda = 1$;
 # * **invdiff, $\lambda = 0$**: the same groups and balanced batches, without the variance term: $L_e$ is then
 #   the mean of the group risks, a group-reweighted loss;
@@ -191,7 +192,7 @@ plt.show()
 # was trained on), with the same fixed $(t, \varepsilon)$ draws for every model, $t$ in the label-free
 # window of stage B (where the background is decided). Before training every head outputs zero, so every
 # guided model *is* the base model (first row); after training, each head at $w = 1$ (as trained) and at the
-# library's default strength $w$.
+# strength this notebook samples with ($w = 2$, `cfg.eval.strength`).
 
 # %%
 from invdiff_min.data import to_model_range
@@ -263,12 +264,13 @@ plt.show()
 # the InvDiff head: here the balanced batches (a mean over groups) do the work, and the variance term adds
 # little. At $w = 2$, twice the step the heads were trained for, the risks come back to about the base's level
 # and the discs on water end above it (the right panel): the extrapolated shift is not what minimises the
-# denoising loss, and it is the sampling below, not this loss, that shows why $w = 2$ is the default.
+# denoising loss, and it is the sampling below, not this loss, that shows what $w = 2$ does.
 #
 # ## Sampling with strength $w$: the bias / fidelity trade-off
 #
 # The same seeds for every model; $w = 0$ is the base model, $w = 1$ the head as trained, $w > 1$
-# extrapolates along $G_\psi$ without retraining. The library's default is $w = 2$ (`EvalConfig.strength`).
+# extrapolates along $G_\psi$ without retraining. This notebook samples with DDIM-20 and takes $w = 2$ as its
+# strength (`cfg.eval`); the library's own evaluation uses DDPM-100 at $w = 1.5$ (the note after the sweep).
 
 # %%
 strengths = [0.0, 1.0, 2.0] if FAST else [0.0, 1.0, 2.0, 3.0]
@@ -325,7 +327,7 @@ plt.show()
 # the bias: InvDiff takes the Bias from 0.81 to 0.10 (minority shares 0.49 and 0.41 against 0.08 and 0.11), the
 # $\lambda = 0$ head to 0.07, the oracle to 0.21, and fidelity rises (0.96 against the base's 0.79: the head
 # also fine-tunes). The uniform control stays near the base's level (0.77) and fidelity (0.775): a fine-tune
-# without groups does not touch the bias. At the library's default $w = 2$ InvDiff gives 0.16 (an 80% cut) at
+# without groups does not touch the bias. At $w = 2$ InvDiff gives 0.16 (an 80% cut) at
 # fidelity 0.98. Past that the heads overshoot: at $w = 3$ the squares land on land more often than on water
 # (0.59) and fidelity falls back to 0.82. The uniform control is the warning: at $w = 2$ and 3 its Bias falls too
 # (0.28, 0.08), but only as its fidelity collapses (0.710, 0.555; its rows in the grid below are pale, washed-out
@@ -333,7 +335,14 @@ plt.show()
 # 200 samples per point, differences below about 0.06 are noise. Among the group-aware heads the $\lambda = 0$ head does
 # best here (0.07) and the oracle worst (0.26 at $w = 2$), but each is one head trained once, and the order
 # is not one to rely on (on the README's larger `cpu` preset the same default recipe takes InvDiff from 0.79
-# to 0.08).
+# to 0.08 with DDIM-25 at $w = 2$).
+#
+# The library's own evaluation (`EvalConfig`, what `python train.py` reports) samples with DDPM-100 at
+# $w = 1.5$ instead. DDPM-100 carries the head's push further than DDIM-25: on the tuning data
+# seeds, DDPM-100 at $w = 2$ overshot (61-81% of each class on its minority background), while at $w = 1.5$
+# it cut the Bias by 82-88% at the base's fidelity, where DDIM-25 at $w = 2$ cut 77-92%
+# (`docs/results/shapes/sampler_rule.md`). `python sample.py --ckpt RUN --sampler ddpm --steps 100 --strength 1.5`
+# draws that way from any run.
 
 # %%
 w_show = w_default
@@ -392,8 +401,8 @@ print(f"w =  0: Bias {r_base['bias']:.3f}, minority share {[round(m, 3) for m in
 # model drew, and the background reader's verdict on images that no longer show the requested shape means
 # little. Lesson: read fidelity before Bias.
 #
-# **3. Twice the default strength.** Predict what happens to Bias and fidelity at $w = 2 \times$ the
-# default, with the InvDiff head.
+# **3. Twice the strength.** Predict what happens to Bias and fidelity at twice this notebook's $w$, with the
+# InvDiff head.
 
 # %%
 w_big = 2 * w_default
