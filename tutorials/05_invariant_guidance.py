@@ -340,7 +340,7 @@ plt.show()
 # The library's own evaluation (`EvalConfig`, what `python train.py` reports) samples with DDPM-100 at
 # $w = 1.5$ instead. DDPM-100 carries the head's push further than DDIM-25: on the tuning data
 # seeds, DDPM-100 at $w = 2$ overshot (61-81% of each class on its minority background), while at $w = 1.5$
-# it cut the Bias by 82-88% at the base's fidelity, where DDIM-25 at $w = 2$ cut 77-92%
+# it cut the Bias by 82-88% with fidelity at most 0.5 points below the base's, where DDIM-25 at $w = 2$ cut 77-92%
 # (`docs/results/shapes/sampler_rule.md`). `python sample.py --ckpt RUN --sampler ddpm --steps 100 --strength 1.5`
 # draws that way from any run.
 
