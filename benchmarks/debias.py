@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from invdiff_min import pipeline
-from invdiff_min.checkpoint import CheckpointError, load_tensors, load_unet, read_json, save_tensors
+from invdiff_min.checkpoint import CheckpointError, load_tensors, load_unet, read_json
 from invdiff_min.config import RunConfig, add_sampling_flags, apply_overrides, check_config, check_strengths, with_eval
 from invdiff_min.errors import exit_on_error
 from invdiff_min.data import load_splits
@@ -66,7 +66,7 @@ REGROUPED = {"unsplit": {"top_fraction"}, "margin": {"min_subgroup"},  # sources
 
 def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> torch.Tensor:
     """The group assignment W of a variant: the run's inferred groups, the hidden cells, one group, or the
-    official grouper's (computed once and kept in RUN/bench/)."""
+    official grouper's."""
     if source == "unsplit":
         losses = load_tensors(run_dir / "losses.safetensors")["loss"]
         return class_topk_groups(losses, data.labels, data.num_classes, cfg.groups.top_fraction)
@@ -81,13 +81,9 @@ def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> tor
     if source != "official":
         inferred = pipeline.load_groups(run_dir) if source == "invdiff" else None
         return pipeline.group_assignments(source, data, inferred)
-    path = run_dir / "bench" / "official_groups.safetensors"
-    if not path.exists():
-        g = cfg.groups
-        w = official_groups(load_tensors(run_dir / "losses.safetensors")["loss"], g.num_groups, g.steps, g.lr,
-                            g.w_nz, g.restarts, g.seed)
-        save_tensors(path, {"weights": w})
-    return load_tensors(path)["weights"]
+    g = cfg.groups                                    # deterministic and a second's work: not cached
+    return official_groups(load_tensors(run_dir / "losses.safetensors")["loss"], g.num_groups, g.steps, g.lr, g.w_nz,
+                           g.restarts, g.seed)
 
 
 def _stat(values: list[float]) -> str:
@@ -241,7 +237,10 @@ def run(args) -> None:
             # train.py's own heads (same groups, batching and seed) are reused rather than trained again
             own = name in pipeline.HEADS and seed == cfg.head.seed and not args.set
             folder = run_dir / (name if own else f"bench/{name}{args.tag}-s{seed}")
-            pipeline.train_head(variant, data, base, assignments, device, folder, str(base_ckpt), progress=False)
+            try:                                           # a head of other groups or another base is refused
+                pipeline.train_head(variant, data, base, assignments, device, folder, str(base_ckpt), progress=False)
+            except CheckpointError as e:
+                raise SystemExit(f"error: {e}. Here: move {folder} away, or pass --tag NAME for new folders") from None
             head, state = load_head(folder, base, device)
             if state["step"] != variant.head.steps:        # a head trained past the request is not cut back
                 raise SystemExit(f"error: {folder} holds a head at step {state['step']}, not {variant.head.steps}; "

@@ -8,17 +8,18 @@ stage C (guidance.py) then minimises L_e over them. Official code: src/group/tra
        l_i = (1/M) sum_m  || eps_theta(x_t, t_m, y_i) - eps_m ||^2 / || eps_theta(x_t, t_m, null) - eps_m ||^2
    with x_t = sqrt(abar_t) x0_i + sqrt(1 - abar_t) eps_m and t_m drawn from a window [lo, hi).
    Bias-conflicting (minority) samples are denoised worse: given its label, the model "expects" the majority
-   attribute. Dividing by the loss of the same model under the null label (`reference="null"`, our default)
-   cancels what makes a sample hard regardless of its label (an unusual size or position), which otherwise
-   fills the high-loss tail; the plain loss (`reference="none"`) is the paper's. The raw loss depends mostly
-   on t, so it can be divided by the mean loss at its t (`normalize_per_t`); M draws are averaged. The
-   official code uses M = 1, t ~ U{0..T-1}, no normalisation, and compares the prediction with x0 instead of
-   eps (`target="x0"`); all of that is available as options.
+   attribute. Dividing by the loss of the same model under the null label (`reference="null"`, the pipeline's
+   default through LossConfig) cancels what makes a sample hard regardless of its label (an unusual size or
+   position), which otherwise fills the high-loss tail; the plain loss (`reference="none"`, the default of the
+   functions here) is the paper's. The raw loss depends mostly on t, so it can be divided by the mean loss at
+   its t (`normalize_per_t`); M draws are averaged. The official code uses M = 1, t ~ U{0..T-1}, no
+   normalisation, and compares the prediction with x0 instead of eps (`target="x0"`); all of that is
+   available as options.
 
 2. Group inference ("maximise L_e" over the assignment). A soft assignment W (N x G, rows on the simplex)
    is chosen to maximise the spread of the group risks R_g = sum_i W_ig l_i / sum_i W_ig.
    * `official_groups`: the official code's optimiser: W free, U(0, 1) init, Adam (lr 0.01, 500 steps) on
-     -std_g(R_g) - w_nz min_{i,g}(W_ig l_i), clamp W >= 0 and renormalise rows.
+     -std_g(R_g) - w_nz min_{i,g}(W_ig l_i), after every step W projected back (W >= 0, rows sum to 1).
    * `class_topk_groups` (our default): the same objective solved exactly under a size constraint, within
      each class: for a fixed group size k, the split of a class into two groups that maximises
      R_high - R_low is the k highest-loss samples against the rest. Classes are kept apart so that one
@@ -101,7 +102,7 @@ def normalize_by_t(losses: torch.Tensor, ts: torch.Tensor, num_bins: int = 50) -
     lo, hi = int(ts.min()), int(ts.max()) + 1
     width = max(1, -(-(hi - lo) // num_bins))
     bins = ((ts - lo) // width).flatten()
-    sums = torch.zeros(int(bins.max()) + 1).index_add_(0, bins, losses.flatten().double().float())
+    sums = torch.zeros(int(bins.max()) + 1).index_add_(0, bins, losses.flatten().float())
     counts = torch.zeros_like(sums).index_add_(0, bins, torch.ones_like(losses.flatten()))
     mean_at_t = sums / counts.clamp(min=1)
     return losses / mean_at_t[bins].view_as(losses).clamp(min=1e-12)
@@ -125,8 +126,11 @@ def auto_t_window(model, scheduler, images, labels, width: int = 300, stride: in
     denoising loss the most, E_i,m |log(l(y_i) / l(null))| over a subset of `max_samples` samples.
     That is where the model uses its condition to decide the image's coarse content (layout, background),
     which is where a spurious attribute tied to the class is decided; at small t the image decides and the
-    label hardly matters. Returns ((lo, hi), {window: label effect})."""
+    label hardly matters. Returns ((lo, hi), {window: label effect}). With fewer than `width` timesteps the one
+    window is all of them."""
     T = scheduler.num_train_timesteps
+    width = min(width, T)
+    stride = max(1, min(stride, width))
     g = torch.Generator().manual_seed(seed)
     sub = torch.randperm(len(images), generator=g)[:max_samples]
     imgs, labs = images[sub], labels[sub]
@@ -192,9 +196,11 @@ def within_class_normalize(losses: torch.Tensor, labels: torch.Tensor) -> torch.
 def official_groups(losses: torch.Tensor, num_groups: int = 8, steps: int = 500, lr: float = 0.01,
                     w_nz: float = 0.0, restarts: int = 1, seed: int = 0, labels: torch.Tensor | None = None,
                     hard: bool = False) -> torch.Tensor:
-    """The official code's grouper: maximise std_g(R_g) (+ w_nz * min W l) over a free W, Adam, then clamp
-    and renormalise rows. With `labels`, losses are first normalised within each class. With `restarts` > 1
-    the run with the largest final spread is kept. Returns W (N, G), rows summing to 1."""
+    """The official code's grouper, projected gradient ascent on a free W (N, G): each step one Adam step on
+        -std_g(R_g) - w_nz min_{i,g} W_ig l_i,   R_g = sum_i W_ig l_i / sum_i W_ig   (computed on W itself),
+    then W projected back: W <- max(W, 0), rows renormalised to sum to 1. With `labels`, losses are first
+    normalised within each class. With `restarts` > 1 the run with the largest final spread is kept. Returns W
+    (N, G), rows summing to 1."""
     if labels is not None:
         losses = within_class_normalize(losses, labels)
     losses = losses.float()
@@ -204,18 +210,17 @@ def official_groups(losses: torch.Tensor, num_groups: int = 8, steps: int = 500,
         w = torch.rand(len(losses), num_groups, generator=g).requires_grad_(True)   # U(0, 1), as official
         opt = torch.optim.Adam([w], lr=lr)
         for _ in range(steps):
-            pos = w.clamp(min=0)
-            rows = pos / pos.sum(1, keepdim=True).clamp(min=1e-12)
-            objective = -group_risks(rows, losses).std() - w_nz * (rows * losses[:, None]).min()
+            objective = -group_risks(w, losses).std() - w_nz * (w * losses[:, None]).min()
             opt.zero_grad()
             objective.backward()
             opt.step()
-        with torch.no_grad():
-            pos = w.clamp(min=0)
-            rows = pos / pos.sum(1, keepdim=True).clamp(min=1e-12)
-            spread = float(group_risks(rows, losses).std())
+            with torch.no_grad():                               # the projection, after every step (official)
+                w.clamp_(min=0)
+                w /= w.sum(1, keepdim=True).clamp(min=1e-12)
+        w = w.detach()
+        spread = float(group_risks(w, losses).std())
         if spread > best_spread:
-            best, best_spread = rows.detach(), spread
+            best, best_spread = w, spread
     return to_hard(best) if hard else best
 
 

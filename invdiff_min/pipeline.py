@@ -405,9 +405,11 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
     batches = GroupBatchSampler(assignments, settings.batch_size, settings.batch_sampling)
     history = torch.zeros(settings.steps)
     modules = {"head": head, "head_ema": head_ema}
+    groups_id = fingerprint({"weights": assignments})              # a head trained on other groups is refused
     start, _ = resume_stage(stage_dir, modules, opt, history,
                             expect={"base_fingerprint": base_id, "head_groups": head_groups,
-                                    "head_group_members": told.get("head_group_members")})
+                                    "head_group_members": told.get("head_group_members")},
+                            recorded={"groups_fingerprint": groups_id})
     name = stage_dir.name
     if 0 < start < settings.steps:
         dist.print0(f"[{name}] resuming at step {start}")
@@ -426,7 +428,7 @@ def train_head(cfg: RunConfig, data: BiasedDataset, base: UNet, assignments: tor
                             MetricsLog(stage_dir, start) if dist.is_main() else None, sync_every(device))
     images = data.images.to(device)                                  # once, not a copy per step (CUDA)
     state = {"config": cfg.to_dict(), "base_checkpoint": base_source, "base_fingerprint": base_id, "groups": name,
-             "head_net": head.net.config.to_dict(), **told}
+             "groups_fingerprint": groups_id, "head_net": head.net.config.to_dict(), **told}
     for step in recorder.bar:
         g = step_generator(settings.seed + 7, step)
         idx, slots = batches.sample(g)                               # the global batch, same on every rank

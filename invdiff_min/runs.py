@@ -200,16 +200,18 @@ def discard_replaced(moved: Path | None) -> None:
 
 # ----- a training stage's checkpoints ------------------------------------------------------------------------
 def resume_stage(stage_dir: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
-                 history: torch.Tensor, expect: dict | None = None) -> tuple[int, dict]:
+                 history: torch.Tensor, expect: dict | None = None, recorded: dict | None = None) -> tuple[int, dict]:
     """Load the newest checkpoint of `stage_dir` into `modules` (each from NAME.safetensors), the optimizer and
-    the loss history. `expect`: state.json entries that must match (e.g. the base model's fingerprint).
-    Returns (its step, its state), or (0, {}) when the stage has no checkpoint yet."""
+    the loss history. `expect`: state.json entries that must match (e.g. the base model's fingerprint);
+    `recorded`: entries that must match where the checkpoint has them (one written before they were recorded is
+    not checked). Returns (its step, its state), or (0, {}) when the stage has no checkpoint yet."""
     ckpts = list_checkpoints(stage_dir)
     if not ckpts:
         return 0, {}
     ckpt = ckpts[-1]
     state = read_state(ckpt)                             # valid, unedited (checkpoint.read_state)
-    for key, value in (expect or {}).items():
+    checked = {**(expect or {}), **{k: v for k, v in (recorded or {}).items() if k in state}}
+    for key, value in checked.items():
         if state.get(key) != value:
             raise CheckpointError(f"{ckpt} was trained with another {key} ({state.get(key)} vs {value}); train "
                                   f"this stage again in a new run (--out NEW_FOLDER) or with --overwrite")

@@ -11,6 +11,7 @@ from invdiff_min import pipeline
 from invdiff_min.checkpoint import CheckpointError, list_checkpoints, load_tensors, load_unet, save_tensors
 from invdiff_min.config import RunConfig
 from invdiff_min.data import load_splits
+from invdiff_min.runs import resume_stage, save_stage
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +225,30 @@ def test_a_head_told_the_sub_group_does_not_resume_on_other_groups(run, tmp_path
     with pytest.raises(CheckpointError, match="another head_group_members"):     # the same classes, other members
         pipeline.train_head(cfg, data, base, pipeline.group_assignments("oracle", data), cpu, tmp_path / "h",
                             progress=False)
+
+
+def test_a_head_does_not_resume_on_other_groups_but_a_checkpoint_from_before_the_check_does(run, tmp_path):
+    """A class-conditioned head trained on one group assignment W is refused on another (e.g. a benchmark's
+    official-grouper head after the grouper changed); a checkpoint written before W was recorded still resumes."""
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text())["config"])
+    cfg.head.steps, cfg.head.checkpoint_every = 2, 2
+    data = load_splits(cfg.data).train
+    base, _, _ = load_unet(run)
+    cpu = torch.device("cpu")
+    inferred = pipeline.group_assignments("invdiff", data, pipeline.load_groups(run))
+    pipeline.train_head(cfg, data, base, inferred, cpu, tmp_path / "h", progress=False)
+    cfg.head.steps = 4
+    with pytest.raises(CheckpointError, match="another groups_fingerprint"):
+        pipeline.train_head(cfg, data, base, pipeline.group_assignments("oracle", data), cpu, tmp_path / "h",
+                            progress=False)
+    head = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(head.parameters())
+    save_stage(tmp_path / "old", 1, {"head": head}, opt, torch.zeros(3), {"groups": "invdiff"})  # no fingerprint
+    old = resume_stage(tmp_path / "old", {"head": head}, opt, torch.zeros(3), recorded={"groups_fingerprint": "x"})
+    assert old[0] == 1
+    save_stage(tmp_path / "new", 1, {"head": head}, opt, torch.zeros(3), {"groups_fingerprint": "y"})
+    with pytest.raises(CheckpointError, match="another groups_fingerprint"):
+        resume_stage(tmp_path / "new", {"head": head}, opt, torch.zeros(3), recorded={"groups_fingerprint": "x"})
 
 
 def test_same_seed_gives_bit_identical_checkpoints_and_samples_and_the_run_records_its_provenance(run, tmp_path):
