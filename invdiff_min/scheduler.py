@@ -270,7 +270,9 @@ class DDPMScheduler(_NoiseSchedule):
         abar_t, abar_prev = self.alphas_cumprod[t], self._abar(prev)
         beta_t = 1 - abar_t / abar_prev                                  # beta'_t
         if self.variance_type.startswith("fixed_large"):
-            return beta_t
+            # deviation (diffusers: beta'_t whenever t > 0): no noise on the step that yields x_0 (Ho et al.: z = 0
+            # at t = 1), also when a skipped-step schedule (trailing spacing) ends above t = 0
+            return beta_t if prev >= 0 else torch.zeros_like(beta_t)
         return ((1 - abar_prev) / (1 - abar_t) * beta_t).clamp(min=1e-20)  # posterior variance beta~_t
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,

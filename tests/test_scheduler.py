@@ -96,6 +96,20 @@ def test_ddpm_step_matches_diffusers(variance_type, n, clip):
         assert close(a, b), f"t={int(t)}: max abs diff {(a - b).abs().max():.3g}"
 
 
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_adds_no_noise_on_the_step_to_x0_when_trailing_steps_end_above_t0(variance_type):
+    s = DDPMScheduler(variance_type=variance_type, clip_sample=False, timestep_spacing="trailing")
+    s.set_timesteps(100)
+    t = int(s.timesteps[-1])
+    assert t == 9                                            # the last step of 100 trailing ones, to x_0
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    eps = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    abar = s.alphas_cumprod[t].float()
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    out = s.step(eps, t, x_t, generator=torch.Generator().manual_seed(1))   # a perfect noise prediction
+    assert (out - x0).abs().max() < 1e-4                     # fixed_large added sqrt(1 - abar_9) = 0.044 before
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("n", [10, 7, 50])
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
