@@ -360,10 +360,13 @@ def check_config(cfg: RunConfig) -> None:
                        norm_num_groups=net.norm_num_groups)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-    f = cfg.unet.downsample_factor
-    if cfg.data.resolution % f:
-        raise ValueError(f"data.resolution (--resolution) {cfg.data.resolution} must be a multiple of {f}: the UNet "
-                         f"halves the image {len(cfg.unet.block_out_channels) - 1} times")
+    nets = [("the UNet", cfg.unet.block_out_channels)]
+    if cfg.head.mode == "additive":                              # "mix": the head is a copy of the base UNet
+        nets.append(("the head (head.block_out_channels)", cfg.head.block_out_channels))
+    for name, channels in nets:
+        if cfg.data.resolution % 2 ** (len(channels) - 1):
+            raise ValueError(f"data.resolution (--resolution) {cfg.data.resolution} must be a multiple of "
+                             f"{2 ** (len(channels) - 1)}: {name} halves the image {len(channels) - 1} times")
     T = cfg.diffusion.num_train_timesteps
     window = cfg.losses.t_window
     if window is not None and not (len(window) == 2 and 0 <= window[0] < window[1] <= T):

@@ -96,7 +96,7 @@ class InvDiffPipeline:
         run_dir = find_run_dir(path)
         config = state.get("config", {})
         run_cfg, record = read_run_config(run_dir) if run_dir else (None, {})
-        run_eval = run_cfg.eval if run_cfg else EvalConfig(strength=1.0, num_steps=50)   # a bare checkpoint
+        run_eval = run_cfg.eval if run_cfg else EvalConfig(strength=1.0, sampler="ddim", num_steps=50)  # bare
         trained = None
         if head is not None and run_dir is not None and list_checkpoints(run_dir / head):
             trained, _ = load_head(run_dir / head, base, device)

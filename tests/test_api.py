@@ -80,6 +80,7 @@ def test_a_checkpoint_under_another_program_s_config_json_loads_as_a_bare_checkp
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 16}))
     pipe = InvDiffPipeline.from_pretrained(folder / "ours")
     assert pipe.run_dir is None and pipe.head is None and pipe.strength == 1.0
+    assert (pipe.sampler, pipe.num_inference_steps) == ("ddim", 50)     # a bare checkpoint: DDIM-50 (sample.py -h)
 
 
 def test_stages_log_metrics_jsonl_consistent_with_the_checkpoint(runs):

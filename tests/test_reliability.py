@@ -146,6 +146,8 @@ def test_groups_inferred_from_other_losses_are_inferred_again(full_run, tmp_path
     (["--resolution", "100000"], "memory grows with its square"),
     (["--resolution", "18", "--set", "unet.block_out_channels=[16,32,32]", "--set",
       "unet.attention_levels=[false,false,false]"], "must be a multiple of 4"),
+    (["--resolution", "18", "--set", "head.block_out_channels=[8,16,16]", "--set",
+      "head.attention_levels=[false,false,false]"], "must be a multiple of 4: the head (head.block_out_channels)"),
     (["--seed", "99999999999999999999"], "(--seed) must be a number in [0, 2,147,483,647]"),
     (["--set", "head.lam=-1"], "head.lam must be a number in [0, 1e+06]"),
     (["--set", "head.lamda=2"], "no field 'lamda' in head; fields: "),
