@@ -7,8 +7,9 @@
     python sample.py --ckpt runs/cpu --strength 3 --n-per-class 200 --evaluate --out samples/w3   # + metrics, report
 
 Writes OUT/grid.png and OUT/samples.safetensors (tensor `images`: N x C x H x W floats in [0, 1]; tensor
-`labels`: the class of each, -1 for an unconditional model). An --out holding an earlier run's outputs is refused
-unless --overwrite is given (then they are replaced once the new samples are drawn).
+`labels`: the class of each, -1 for an unconditional model) and OUT/sample.json, the list of files it wrote. An
+--out holding an earlier run's outputs is refused unless --overwrite is given; then exactly the files sample.json
+lists are replaced, once the new samples are drawn (files of those names that no sample.json lists are refused).
 
 --evaluate (a model inside a train.py run folder) also judges the samples with the run's judge and writes
 OUT/metrics.json (Bias, minority and attribute shares per class, fidelity, quality distance FD / KID /
@@ -19,9 +20,9 @@ against quality over the sweep). Use at least 100 images per class for numbers w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -31,11 +32,12 @@ from invdiff_min import amp
 from invdiff_min.checkpoint import save_tensors, write_json
 from invdiff_min.config import add_sampling_flags, pick_device
 from invdiff_min.errors import exit_on_error
-from invdiff_min.inference import InvDiffPipeline, save_png_folder
+from invdiff_min.inference import InvDiffPipeline, png_names, save_png_folder
 from invdiff_min.plots import save_grid, save_report
 
 MAX_IMAGES = 100_000                  # per strength: 100k 32x32 images are 1.2 GB of float32
 OUTPUTS = ("samples.safetensors", "grid.png", "png", "metrics.json", "report.png")   # what a run writes into --out
+RECORD = "sample.json"                # the files a run wrote: all --overwrite may delete
 
 
 def check_arguments(args) -> None:
@@ -61,25 +63,46 @@ def check_arguments(args) -> None:
     parent = out if out.is_dir() else next(p for p in out.absolute().parents if p.exists())
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write to {parent} (for --out {out}); pass a folder you can write")
-    earlier = [name for name in OUTPUTS if (out / name).exists()]   # kept apart: no mix of two runs' outputs
+    earlier = [name for name in (*OUTPUTS, RECORD) if (out / name).exists()]   # no mix of two runs' outputs
     if earlier and not args.overwrite:
         raise ValueError(f"--out {out} already holds an earlier sample.py output ({', '.join(earlier)}); pass "
                          f"--out NEW_FOLDER, or --overwrite to replace it")
-    png = out / "png"
-    if args.overwrite and png.exists() and not (png.is_dir() and all(p.is_file() and p.suffix == ".png"
-                                                                      for p in png.iterdir())):
-        raise ValueError(f"{png} holds more than sample.py's PNG files, and --overwrite would delete it; move "
-                         f"them, or pass --out NEW_FOLDER")
+    if args.overwrite and earlier:
+        written = set(earlier_outputs(out))
+        present = [name for name in OUTPUTS if (out / name).exists()]
+        files = [p for name in present for p in ((out / name).iterdir() if (out / name).is_dir() else [out / name])]
+        strays = [str(p.relative_to(out)) for p in files if not p.is_file() or str(p.relative_to(out)) not in written]
+        if strays:
+            raise ValueError(f"--out {out} holds {', '.join(strays[:3])}{' ...' if len(strays) > 3 else ''}, which "
+                             f"no sample.py run recorded in {out / RECORD}, and --overwrite deletes only what it "
+                             f"recorded; move them, or pass --out NEW_FOLDER")
+
+
+def earlier_outputs(out: Path) -> list[str]:
+    """The files an earlier run recorded in OUT/sample.json (paths relative to OUT); refused if it is unreadable."""
+    try:
+        written = json.loads((out / RECORD).read_text())["written"]
+        if not (isinstance(written, list) and all(isinstance(w, str) for w in written)):
+            raise ValueError
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ValueError(f"{out / RECORD} is not the record sample.py writes (a JSON object listing 'written' "
+                         f"files), so --overwrite cannot tell what it may delete; pass --out NEW_FOLDER") from None
+    def ours(name: str) -> bool:                # OUTPUTS files and png/FILE: nothing outside them, whatever it says
+        parts = Path(name).parts
+        return (name in OUTPUTS and name != "png") or (len(parts) == 2 and parts[0] == "png" and parts[1] != "..")
+    return [w for w in written if ours(w)]
 
 
 def clear_earlier(out: Path) -> None:
-    """--overwrite: delete an earlier run's outputs (checked by check_arguments), once the new samples exist."""
-    for name in OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    """--overwrite: delete the files an earlier run recorded (checked by check_arguments), once the new samples
+    exist; its png/ folder goes too when that leaves it empty."""
+    for name in earlier_outputs(out):
+        (out / name).unlink(missing_ok=True)
+    if (out / "png").is_dir() and not any((out / "png").iterdir()):
+        (out / "png").rmdir()
+    (out / RECORD).unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:
@@ -162,6 +185,9 @@ def sample_run(args) -> int:
     if args.overwrite:
         clear_earlier(out)
     out.mkdir(parents=True, exist_ok=True)
+    written = ["samples.safetensors", "grid.png"] + [f"png/{name}" for name in png_names(labels, pipe.class_names)
+                                                     if args.png] + (["metrics.json", "report.png"] * args.evaluate)
+    write_json(out / RECORD, {"written": written})            # first, so a run cut short is still replaceable
     save_tensors(out / "samples.safetensors", {"images": images, "labels": labels},
                  {"checkpoint": str(args.ckpt), "head": head_note, "sampler": f"{args.sampler}-{args.steps}",
                   "guidance_scale": args.guidance_scale, "guidance_t_max": args.guidance_t_max,

@@ -202,16 +202,22 @@ def convert_images(images: torch.Tensor, output_type: str):
     return [Image.fromarray((a * 255).round().clip(0, 255).astype("uint8")) for a in array]
 
 
+def png_names(labels: torch.Tensor, class_names: list[str] | None = None) -> list[str]:
+    """The file names `save_png_folder` gives, CLASS_INDEX.png (e.g. disc_0007.png; 'image' for unconditional
+    samples). A class name (from a dataset's metadata.csv, say) is made a plain file name first: characters other
+    than letters, digits, '-', '_' and '.' become '_' and leading dots go, so no name reaches outside the folder."""
+    def safe(name: str, label: int) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or f"class{label}"
+    return [f"{'image' if y < 0 else safe(class_names[y], y) if class_names else f'class{y}'}_{i:04d}.png"
+            for i, y in enumerate(labels.tolist())]
+
+
 def save_png_folder(folder: str | Path, images: torch.Tensor, labels: torch.Tensor,
                     class_names: list[str] | None = None) -> list[Path]:
-    """One PNG per image, named CLASS_INDEX.png (e.g. disc_0007.png; 'image' for unconditional samples), for
-    quality tools that read folders. Returns the paths."""
+    """One PNG per image, named by `png_names`, for quality tools that read folders. Returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (image, label) in enumerate(zip(convert_images(images, "pil"), labels.tolist())):
-        name = "image" if label < 0 else (class_names[label] if class_names else f"class{label}")
-        path = folder / f"{name}_{i:04d}.png"
+    paths = [folder / name for name in png_names(labels, class_names)]
+    for image, path in zip(convert_images(images, "pil"), paths):
         image.save(path)
-        paths.append(path)
     return paths

@@ -84,6 +84,8 @@ def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, data_root:
         raise RunFolderError(f"--out {run_dir} {how} the data root {data_root}; runs are written (and replaced by "
                              f"--overwrite) there, so keep them apart: pass --out outside the dataset folder")
     is_run = (run_dir / "config.json").is_file()
+    if is_run:                                    # a run's config.json, or another program's folder (never touched)
+        check_run_marker(run_dir / "config.json")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run:
         raise RunFolderError(f"--out {run_dir} is a non-empty folder that is not a run of invdiff-min (no "
                              f"config.json); nothing there is touched: pass a new or empty folder")
@@ -116,6 +118,24 @@ def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, data_root:
         where = "the new run --overwrite would start" if is_run and overwrite else str(run_dir)
         raise RunFolderError(f"--stage {stage} needs the {' and '.join(missing)} stage output in {where}, and it is "
                              f"not there; run the earlier stages first (--stage all, or --base CKPT for the base)")
+
+
+def check_run_marker(cfg_file: Path) -> None:
+    """A folder is a run (which --resume continues and --overwrite replaces) only if its config.json is the record
+    train.py writes: a JSON object with a 'config' object. Another program's config.json (a diffusers model
+    folder's, a project's) is refused, and so is one that is not JSON, before anything is touched."""
+    keep = f"nothing in {cfg_file.parent} is touched: restore the file if it is a run's, else pass a new --out"
+    if cfg_file.stat().st_size > 16 * 2**20:
+        raise RunFolderError(f"{cfg_file} is {cfg_file.stat().st_size:,} bytes, not the small record train.py "
+                             f"writes; {keep}")
+    try:
+        record = read_json_object(cfg_file, keep)
+    except CheckpointError as e:
+        raise RunFolderError(str(e)) from None
+    if not isinstance(record.get("config"), dict):
+        raise RunFolderError(f"--out {cfg_file.parent} holds a config.json that is not a run's of invdiff-min (no "
+                             f"'config' object: another program's?); nothing there is touched: pass a new or empty "
+                             f"folder")
 
 
 def aside_path(run_dir: Path) -> Path:

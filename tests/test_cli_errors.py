@@ -116,8 +116,14 @@ def test_sample_keeps_two_runs_outputs_apart_and_overwrite_replaces_them(run, tm
     assert load_tensors(out / "samples.safetensors")["images"].shape[0] == 2
     (out / "png").mkdir()
     (out / "png" / "notes.txt").write_text("keep me")
-    fails_with("sample.py", [*argv, "--overwrite"], "holds more than sample.py's PNG files")
+    fails_with("sample.py", [*argv, "--overwrite"], "png/notes.txt", "no sample.py run recorded", "sample.json")
     assert (out / "png" / "notes.txt").read_text() == "keep me"
+    mine = tmp_path / "mine"                                 # a folder of the user's that merely has such names
+    (mine / "png").mkdir(parents=True)
+    (mine / "png" / "photo.png").write_bytes(b"mine")
+    (mine / "metrics.json").write_text('{"my": 1}')
+    fails_with("sample.py", [*argv, "--out", str(mine), "--overwrite"], "png/photo.png", "metrics.json")
+    assert (mine / "png" / "photo.png").read_bytes() == b"mine" and (mine / "metrics.json").is_file()
     fails_with("sample.py", [*argv, "--out", str(tmp_path / "t"), "--seed", str(2**70)], "--seed must be an integer")
 
 

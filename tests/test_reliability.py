@@ -6,10 +6,12 @@ before anything is written, moved or deleted. The data loaders' own attacks are 
 checkpoint files' in test_integrity.py.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import fails_with, run_script
 from invdiff_min import pipeline
@@ -55,6 +57,28 @@ def image_folder(root: Path, per_cell: int = 6) -> Path:
 
 
 # ----- data loss ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config_text,message", [
+    ('{"_class_name": "UNet2DModel"}', "holds a config.json that is not a run's of invdiff-min"),
+    ("{not json", "is not valid JSON"),
+])
+def test_a_folder_with_another_program_s_config_json_is_never_replaced(tmp_path, config_text, message):
+    mine = tmp_path / "project"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "config.json").write_text(config_text)
+    (mine / "sub" / "notes.txt").write_text("precious")
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        fails_with("train.py", ["--preset", "tiny", "--out", mine, *flags], str(mine), message, "nothing in" if
+                   "JSON" in message else "nothing there is touched")
+    assert (mine / "sub" / "notes.txt").read_text() == "precious" and sorted(os.listdir(mine)) == ["config.json", "sub"]
+
+
+def test_png_names_stay_inside_their_folder():
+    from invdiff_min.inference import png_names
+    names = png_names(torch.tensor([0, 1, 2, -1]), ["../../escaped", "sub/dir", ".."])
+    assert names == ["_.._escaped_0000.png", "sub_dir_0001.png", "class2_0002.png", "image_0003.png"]
+    assert all(len(Path(n).parts) == 1 for n in names)
+
+
 def test_overwrite_with_a_mistyped_base_checkpoint_leaves_the_run_untouched(base_run, tmp_path):
     run = copy_of(base_run, tmp_path)
     before = snapshot(run)
