@@ -169,6 +169,9 @@ def sample_run(args) -> int:
     if args.evaluate and (not k or pipe.run_dir is None or "data" not in pipe.config):
         raise ValueError("--evaluate needs a class-conditional model inside a train.py run folder (it judges "
                          "samples by the run's dataset)")
+    if args.evaluate and args.n_per_class * k < 4:
+        raise ValueError(f"--evaluate measures quality on at least 4 samples in all: pass --n-per-class "
+                         f"{-(-4 // k)} or more (100 or more for numbers worth reading)")
     if args.evaluate:
         pipe.judge()                             # the run's data and judges now, not after all the sampling
 

@@ -150,7 +150,7 @@ def train(argv: list[str]) -> int:
         if args.stage in ("all", "eval"):
             check_judgeable(splits)                 # now, not after every training stage has run
         data = splits.train
-        fit_to_data(cfg, data.num_classes, cfg.data.resolution)    # classes, side, the head's width for K > 2
+        fit_to_data(cfg, data.num_classes, cfg.data.resolution, data.images.shape[1])   # classes, side, head width
         for flag, path in (("--base", args.base), ("--init-from", cfg.train.init_from)):   # or --set train.init_from
             if path:
                 pipeline.check_base_fits(path, cfg, flag)           # made for this data, or refused now

@@ -164,8 +164,9 @@ def run(args) -> None:
             raise SystemExit(f"error: {flag} must be at least 1, got {value}")
     if any(not 0 <= s <= 2**31 - 1 for s in args.seeds):
         raise SystemExit(f"error: --seeds must lie in [0, 2**31 - 1], got {args.seeds}")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise SystemExit(f"error: --json {args.json}: its folder does not exist; create it or pass another path")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
+        raise SystemExit(f"error: --json {args.json}: pass a file path in an existing folder (it is "
+                         f"{'a folder' if Path(args.json).is_dir() else 'in a folder that does not exist'})")
     if args.merge:
         report = merge(args.merge)
         try:
@@ -234,8 +235,9 @@ def run(args) -> None:
             variant = copy.deepcopy(recipe)
             variant.head.batch_sampling, variant.head.seed = batching, seed
             variant.head.steps = head_steps
-            # train.py's own heads (same groups, batching and seed) are reused rather than trained again
-            own = name in pipeline.HEADS and seed == cfg.head.seed and not args.set
+            # train.py's own heads (same groups, batching, seed and steps) are reused rather than trained again;
+            # any other recipe trains in bench/, so the run's own head is never trained further
+            own = name in pipeline.HEADS and seed == cfg.head.seed and not args.set and head_steps == cfg.head.steps
             folder = run_dir / (name if own else f"bench/{name}{args.tag}-s{seed}")
             try:                                           # a head of other groups or another base is refused
                 pipeline.train_head(variant, data, base, assignments, device, folder, str(base_ckpt), progress=False)

@@ -278,6 +278,7 @@ def _kind(hint) -> str:
 MAX_STEPS = 10_000_000                     # beyond any run this project is meant for; catches 1e12 typos
 MAX_SIDE = 512                             # activations grow with the square of the side: 512 already needs GBs
 MAX_SAMPLES = 10_000_000
+MAX_WIDTH = 4096                           # channels per level: weights grow with its square
 GROUP_METHODS = ("class_topk", "class_margin", "class_label_topk", "official")
 HEAD_CONDITIONS = ("class", "class_group")   # what Phi of the guidance head reads (HeadConfig.condition)
 PROFILE_METHODS = ("class_margin", "class_label_topk")   # group methods that read the label profile
@@ -298,7 +299,8 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "losses.batch_size": (1, 65_536, "images per network call"), "losses.num_draws": (1, 10_000, "draws M"),
     "train.checkpoint_every": (1, MAX_STEPS, "steps"), "head.checkpoint_every": (1, MAX_STEPS, "steps"),
     "train.lr": (1e-12, 1.0, "a learning rate"), "head.lr": (1e-12, 1.0, "a learning rate"),
-    "train.ema_decay": (0.0, 1.0, "an EMA decay"), "head.ema_decay": (0.0, 1.0, "an EMA decay"),
+    "train.ema_decay": (0.0, 0.99999, "an EMA decay; 1 would never move the EMA off its start"),
+    "head.ema_decay": (0.0, 0.99999, "an EMA decay; 1 would never move the EMA off its start"),
     "train.p_uncond": (0.0, 1.0, "a probability"), "head.lam": (0.0, 1e6, "lambda of L_e"),
     "groups.top_fraction": (1e-6, 0.999999, "a share of each class"), "groups.num_groups": (1, 100_000, "groups"),
     "losses.profile_draws": (0, 10_000, "draws of the label profile (0 = off)"),
@@ -307,7 +309,7 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "unet.layers_per_block": (1, 64, "ResNet blocks per level"), "head.layers_per_block": (1, 64, "ResNet blocks"),
     "head.large_t_share": (0.0, 1.0, "a share of the head's t draws"),
     "data.resolution": (8, MAX_SIDE, "the image side; memory grows with its square"),
-    "data.num_samples": (2, MAX_SAMPLES, "training images"), "eval.n_per_class": (1, 100_000, "samples per class"),
+    "data.num_samples": (2, MAX_SAMPLES, "training images"), "eval.n_per_class": (2, 100_000, "samples per class; the quality measures need 4 in all"),
     "eval.num_steps": (1, 100_000, "sampling steps"), "eval.strength": (0.0, 20.0, "the guidance strength w"),
     "eval.guidance_scale": (0.0, 50.0, "the CFG scale"), "data.aligned_fraction": (0.0, 1.0, "a share"),
     "eval.guidance_t_max": (0, 100_000, "a timestep: class guidance at t below it"),
@@ -316,6 +318,9 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "unet.dropout": (0.0, 0.999, "a dropout probability"), "unet.norm_eps": (1e-12, 1.0, "GroupNorm's epsilon"),
     "unet.attention_head_dim": (1, 65_536, "channels per attention head"),
     "unet.time_embed_dim": (1, 65_536, "the time embedding's width"),
+    "unet.in_channels": (1, 64, "image channels (the data's)"), "unet.out_channels": (1, 64, "image channels"),
+    "unet.downsample_padding": (0, 1, "0: the original DDPM's right/bottom pad, 1: symmetric"),
+    "unet.freq_shift": (0, 65_536, "the sinusoid's frequency shift"),
     "diffusion.num_train_timesteps": (2, 100_000, "the training timesteps T"),
     "diffusion.beta_start": (1e-12, 0.999, "a noise variance beta"),
     "diffusion.beta_end": (1e-12, 0.999, "a noise variance beta"),
@@ -360,6 +365,14 @@ def check_config(cfg: RunConfig) -> None:
                        norm_num_groups=net.norm_num_groups)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+        if max(net.block_out_channels) > MAX_WIDTH:
+            raise ValueError(f"{name}.block_out_channels {list(net.block_out_channels)}: each width must be at most "
+                             f"{MAX_WIDTH:,} channels (memory grows with its square)")
+        half = net.block_out_channels[0] // 2                    # the sinusoid's frequencies divide by half - shift
+        if name == "unet" or cfg.head.mode == "additive":
+            if cfg.unet.freq_shift >= half:
+                raise ValueError(f"unet.freq_shift {cfg.unet.freq_shift} must be below {half}, half the first width "
+                                 f"of {name}.block_out_channels (the sinusoid divides by their difference)")
     nets = [("the UNet", cfg.unet.block_out_channels)]
     if cfg.head.mode == "additive":                              # "mix": the head is a copy of the base UNet
         nets.append(("the head (head.block_out_channels)", cfg.head.block_out_channels))
@@ -388,10 +401,15 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"eval.num_steps must be at most the {T} training timesteps, got {cfg.eval.num_steps}")
 
 
-def fit_to_data(cfg: RunConfig, num_classes: int, resolution: int) -> RunConfig:
+def fit_to_data(cfg: RunConfig, num_classes: int, resolution: int, channels: int | None = None) -> RunConfig:
     """What only the data decides, made concrete before the config is saved: the UNet's classes and side, and
     for more than two classes the head widened by head.many_classes_width (then recorded as 1, so fitting
-    again, or rebuilding from the saved config, changes nothing)."""
+    again, or rebuilding from the saved config, changes nothing). UNet channels other than the images'
+    `channels` are refused."""
+    if channels is not None and (cfg.unet.in_channels, cfg.unet.out_channels) != (channels, channels):
+        raise ValueError(f"unet.in_channels / unet.out_channels are {cfg.unet.in_channels} / "
+                         f"{cfg.unet.out_channels}, but the images of {cfg.data.name} have {channels} channels: "
+                         f"leave both at {channels}")
     cfg.unet.num_classes, cfg.unet.sample_size = num_classes, resolution
     if num_classes > 2 and cfg.head.many_classes_width != 1:
         cfg.head.block_out_channels = tuple(c * cfg.head.many_classes_width for c in cfg.head.block_out_channels)

@@ -25,7 +25,11 @@ def describe(error: BaseException) -> str:
                "NotADirectoryError": "pass a folder", "FileExistsError": "pass a new name",
                "OSError": "check the path and the free disk space"}.get(type(error).__name__, "check the path")
         return f"{what} ({fix})"
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+    if isinstance(error, KeyboardInterrupt):
+        return ("interrupted (Ctrl-C); every checkpoint and file already written is complete (each is written "
+                "whole, then renamed): train.py --resume continues a run from its newest checkpoint")
+    if (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(error)):                  # the CPU allocator's RuntimeError
         return (f"out of memory ({str(error).splitlines()[0] if str(error) else type(error).__name__}); lower the "
                 f"sizes asked for (--n-per-class, --batch-size, --resolution, --num-samples) or use a larger machine")
     text = " ".join(str(error).split()) or type(error).__name__
@@ -39,13 +43,15 @@ HANDLED = (ValueError, OSError, ImportError, MemoryError)
 def exit_on_error():
     """Turn the handled errors raised inside into `error: ...` on stderr and exit status 1 (SystemExit), unless
     INVDIFF_DEBUG=1. Also catches the library's TrainingDiverged and torch's OutOfMemoryError by name (both
-    RuntimeErrors; other RuntimeErrors are bugs and keep their traceback)."""
+    RuntimeErrors), the CPU allocator's RuntimeError by its message, and Ctrl-C; other RuntimeErrors are bugs
+    and keep their traceback."""
     try:
         yield
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - filtered just below
-        named = type(e).__name__ in ("TrainingDiverged", "OutOfMemoryError", "SafetensorError")
+        named = (type(e).__name__ in ("TrainingDiverged", "OutOfMemoryError", "SafetensorError")
+                 or isinstance(e, KeyboardInterrupt) or "can't allocate memory" in str(e))
         if os.environ.get("INVDIFF_DEBUG") == "1" or not (isinstance(e, HANDLED) or named):
             raise
         raise SystemExit(f"error: {describe(e)}") from None

@@ -581,7 +581,7 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
     saving it. A folder with a config.json continues only with that config (learning rates and precision
     excepted) and the same data (runs.check_same_run); a new folder gets one."""
     data = splits.train
-    fit_to_data(cfg, data.num_classes, cfg.data.resolution)
+    fit_to_data(cfg, data.num_classes, cfg.data.resolution, data.images.shape[1])
     cfg.train.precision, _ = amp.resolve(cfg.train.precision, device)   # "auto" made concrete, as train.py does
     t0 = time.time()
     # a folder continues only as it was made (train.py has checked already; from Python this is the check):

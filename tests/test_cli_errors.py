@@ -127,6 +127,28 @@ def test_sample_keeps_two_runs_outputs_apart_and_overwrite_replaces_them(run, tm
     fails_with("sample.py", [*argv, "--out", str(tmp_path / "t"), "--seed", str(2**70)], "--seed must be an integer")
 
 
+def test_sample_evaluate_with_too_few_samples_is_refused_before_sampling(run, tmp_path):
+    fails_with("sample.py", ["--ckpt", str(run), "--out", str(tmp_path / "s"), "--evaluate", "--n-per-class", "1"],
+               "at least 4 samples", "--n-per-class 2")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("error,says", [
+    (KeyboardInterrupt(), "interrupted (Ctrl-C)"),
+    (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+     "out of memory"),
+])
+def test_the_error_boundary_turns_ctrl_c_and_the_cpu_allocator_into_one_line(error, says):
+    from invdiff_min.errors import exit_on_error
+    with pytest.raises(SystemExit) as e:
+        with exit_on_error():
+            raise error
+    assert e.value.code.startswith(f"error: {says}") and "\n" not in e.value.code
+    with pytest.raises(RuntimeError, match="a bug"):          # any other RuntimeError keeps its traceback
+        with exit_on_error():
+            raise RuntimeError("a bug")
+
+
 def test_sample_evaluate_reads_the_data_before_sampling(run, tmp_path, monkeypatch):
     from invdiff_min.inference import InvDiffPipeline
 

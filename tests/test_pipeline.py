@@ -141,7 +141,8 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
                       (["--run", str(out), "--guidance-t-max", "1001"], "(from --guidance-t-max)"),
                       (["--run", str(out), "--strengths", "nan"], "--strengths must be a number in [0, 20]"),
                       (["--run", str(out), "--head-steps", "-3"], "--head-steps must be at least 1"),
-                      (["--run", str(out), "--json", str(tmp_path / "no" / "d.json")], "does not exist")):
+                      (["--run", str(out), "--json", str(tmp_path / "no" / "d.json")], "does not exist"),
+                      (["--run", str(out), "--json", str(tmp_path)], "it is a folder")):
         r = run("benchmarks/debias.py", *bad)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     # an error found late (a run's settings without its base model) is one line in cell_risks.py too
@@ -159,6 +160,13 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     sizes = json.loads((tmp_path / "tf.json").read_text())["groups"]["unsplit"]["sizes"]   # rest, high; per class
     assert [sizes[1], sizes[3]] == [round(0.3 * (sizes[0] + sizes[1])), round(0.3 * (sizes[2] + sizes[3]))]
+    # a longer head than the run's trains in bench/: the run's own head is never trained further
+    own = [p.name for p in list_checkpoints(out / "invdiff")]
+    r = run("benchmarks/debias.py", "--run", str(out), "--variants", "invdiff", "--seeds", "0", "--strengths", "1",
+            "--n-per-class", "2", "--head-steps", "22")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out / "invdiff")] == own
+    assert list_checkpoints(out / "bench" / "invdiff-s0")[-1].name == "ckpt-0000022"
 
     # a second run of the same command refuses to clobber; --resume skips every finished stage
     r = run("train.py", "--preset", "tiny", "--out", str(out), "--compare", "--no-progress")

@@ -180,6 +180,13 @@ def test_groups_inferred_from_other_losses_are_inferred_again(full_run, tmp_path
     (["--set", "eval.guidance_t_max=1001"], "eval.guidance_t_max must be at most the 1000 training timesteps"),
     (["--set", "eval.guidance_t_max=-5"], "eval.guidance_t_max must be a number in [0, 100,000]"),
     (["--set", "eval.head_outside_cfg=true", "--set", "head.mode=mix"], "eval.head_outside_cfg needs head.mode"),
+    (["--set", "head.ema_decay=1.0"], "head.ema_decay must be a number in [0, 0.99999]"),
+    (["--set", "eval.n_per_class=1"], "eval.n_per_class must be a number in [2, 100,000]"),
+    (["--set", "unet.downsample_padding=7"], "unet.downsample_padding must be a number in [0, 1]"),
+    (["--set", "unet.freq_shift=5"], "unet.freq_shift 5 must be below 4, half the first width of head.block_out"),
+    (["--set", "unet.block_out_channels=[1000000,1000000]", "--set", "unet.norm_num_groups=1"],
+     "each width must be at most 4,096 channels"),
+    (["--set", "unet.in_channels=1"], "but the images of shapes have 3 channels: leave both at 3"),
 ])
 def test_numbers_no_run_can_use_are_refused_before_any_work(flags, message, tmp_path):
     fails_with("train.py", ["--preset", "tiny", "--out", tmp_path / "x", *flags], message)
