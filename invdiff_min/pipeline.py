@@ -685,6 +685,11 @@ def load_losses(run_dir: Path) -> PerSampleLosses:
     if "loss" not in saved or "index" not in saved:
         raise CheckpointError(f"{run_dir / 'losses.safetensors'} lacks the tensors loss and index; run --stage "
                               f"losses again in a new --out")
+    loss, index = saved["loss"], saved["index"]
+    if loss.ndim != 1 or loss.shape != index.shape or not loss.is_floating_point() or not bool(loss.isfinite().all()):
+        raise CheckpointError(f"{run_dir / 'losses.safetensors'} holds loss {tuple(loss.shape)} and index "
+                              f"{tuple(index.shape)}, not one finite loss per sample; run --stage losses again in a "
+                              f"new --out")
     return PerSampleLosses(saved["loss"], saved["index"], tuple(window), info, profile=saved.get("profile"))
 
 
@@ -712,6 +717,24 @@ def groups_current(run_dir: Path) -> bool:
 
 
 def load_groups(run_dir: Path) -> Groups:
-    saved = load_tensors(run_dir / "groups.safetensors")
+    """groups.safetensors and groups.json, checked: W (N, G) of non-negative rows summing to 1, one row per sample
+    index, G the number of groups groups.json reports."""
+    path = run_dir / "groups.safetensors"
+    saved = load_tensors(path)
     info = read_json_object(run_dir / "groups.json")
-    return Groups(saved["weights"], saved["index"], info.get("method", "?"), info)
+    w, index = saved.get("weights"), saved.get("index")
+    sizes = info.get("sizes")
+    problem = None
+    if w is None or index is None:
+        problem = f"lacks the tensors weights and index (it holds {', '.join(sorted(saved)) or 'nothing'})"
+    elif w.ndim != 2 or index.ndim != 1 or len(w) != len(index) or index.dtype != torch.int64:
+        problem = f"holds weights {tuple(w.shape)} and index {tuple(index.shape)}, not (N, G) and (N,) integers"
+    elif not w.is_floating_point() or not bool(torch.isfinite(w).all() & (w >= 0).all()) or not torch.allclose(
+            w.sum(1).double(), torch.ones(len(w), dtype=torch.float64), atol=1e-4):
+        problem = "holds weights that are not rows of non-negative numbers summing to 1"
+    elif isinstance(sizes, list) and len(sizes) != w.shape[1]:
+        problem = f"holds {w.shape[1]} groups, but {run_dir / 'groups.json'} reports {len(sizes)}"
+    if problem:
+        raise CheckpointError(f"{path} {problem}; delete groups.safetensors and run train.py --out {run_dir} --resume "
+                              f"(the groups stage runs again)")
+    return Groups(w, index, info.get("method", "?"), info)

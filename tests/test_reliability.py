@@ -142,6 +142,25 @@ def test_overwrite_keeps_the_old_run_aside_until_the_new_run_has_finished_a_stag
 
 
 # ----- stages written as sets -------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights,says", [
+    (lambda w: torch.nn.functional.one_hot(w.argmax(1).clamp(max=2), 3).float(), "holds 3 groups, but"),
+    (lambda w: w * 2, "not rows of non-negative numbers summing to 1"),
+    (None, "lacks the tensors weights and index"),
+])
+def test_groups_of_the_wrong_shape_or_content_are_refused_naming_the_file(full_run, tmp_path, weights, says):
+    from invdiff_min.checkpoint import load_tensors, save_tensors
+    run = copy_of(full_run, tmp_path)
+    saved = load_tensors(run / "groups.safetensors")
+    bad = {"loss": saved["weights"][:, 0]} if weights is None else {"weights": weights(saved["weights"]),
+                                                                     "index": saved["index"]}
+    save_tensors(run / "groups.safetensors", bad)                # a valid file with the wrong content
+    shutil.rmtree(run / "invdiff")
+    fails_with("train.py", ["--preset", "tiny", "--out", run, "--resume", "--no-progress"],
+               str(run / "groups.safetensors"), says, "--resume (the groups stage runs again)")
+    (run / "groups.safetensors").unlink()                        # the fix the message gives
+    assert run_script("train.py", ["--preset", "tiny", "--out", run, "--resume", "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("lost", ["groups_hist.png", "groups.json", "losses.safetensors"])
 def test_a_stage_killed_between_its_files_is_completed_on_resume(full_run, tmp_path, lost):
     run = copy_of(full_run, tmp_path)
