@@ -258,7 +258,10 @@ def unet_config_from_diffusers(cfg: dict, where: Path) -> UNetConfig:
                      f"(our last row is the null label)")
     # diffusers' class table has num_class_embeds rows; ours has num_classes + 1, the last being the null label
     num_classes = None if num_class_embeds is None else num_class_embeds - 1
-    return UNetConfig(sample_size=int(size), attention_levels=attention_levels, num_classes=num_classes, **ours)
+    try:
+        return UNetConfig(sample_size=size, attention_levels=attention_levels, num_classes=num_classes, **ours)
+    except (TypeError, ValueError) as e:                          # a value of the wrong kind or out of range
+        raise ConversionError(f"{where}: {e}; fix that value in the file") from None
 
 
 def rename_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -304,6 +307,10 @@ def diffusion_from_scheduler_config(cfg: dict, where: Path) -> dict:
             raise ConversionError(f"{where}: {key}={cfg[key]!r} is not supported by invdiff-min's schedulers "
                                   f"(only {supported!r})")
     out = {k: cfg.get(k, default) for k, default in HO_ET_AL_DIFFUSION.items()}
+    try:                                                          # the kinds and ranges the schedulers accept
+        DDPMScheduler(**out)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: {e}; fix that value in the file") from None
     if out["beta_schedule"] not in BETA_SCHEDULES:
         raise ConversionError(f"{where}: beta_schedule={out['beta_schedule']!r} is not one of {BETA_SCHEDULES}")
     if out["variance_type"] not in DDPMScheduler.VARIANCE_TYPES:
@@ -314,7 +321,11 @@ def diffusion_from_scheduler_config(cfg: dict, where: Path) -> dict:
 
 def read_diffusers(folder: Path) -> Source:
     unet_dir = find_diffusers_unet(folder)
-    config = unet_config_from_diffusers(read_config(unet_dir / "config.json"), unet_dir / "config.json")
+    try:
+        config = unet_config_from_diffusers(read_config(unet_dir / "config.json"), unet_dir / "config.json")
+    except TypeError as e:                                        # e.g. a number where a list belongs
+        raise ConversionError(f"{unet_dir / 'config.json'}: a setting of the wrong kind ({e}); fix it in the "
+                              f"file") from None
     weights_file = next((unet_dir / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")
                          if (unet_dir / f"diffusion_pytorch_model.{ext}").is_file()), None)
     if weights_file is None:

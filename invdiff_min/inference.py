@@ -29,6 +29,7 @@ from .data import from_model_range
 from .diffusion import make_sampler, sample
 from .guidance import GuidedModel, InvariantGuidance, load_head
 from .runs import read_run_config
+from .scheduler import DDPMScheduler
 from .unet import UNet
 
 OUTPUT_TYPES = ("pt", "np", "pil")
@@ -95,6 +96,11 @@ class InvDiffPipeline:
         base, state, ckpt = load_unet(path, device, weights=weights)
         run_dir = find_run_dir(path)
         config = state.get("config", {})
+        try:                                       # the noise schedule, checked as the schedulers check it
+            DDPMScheduler(**config["diffusion"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"config.diffusion in {ckpt / 'state.json'} is missing or wrong ({e}); restore the "
+                                  f"file, or convert the weights again (python -m invdiff_min.convert)") from None
         run_cfg, record = read_run_config(run_dir) if run_dir else (None, {})
         run_eval = run_cfg.eval if run_cfg else EvalConfig(strength=1.0, sampler="ddim", num_steps=50)  # bare
         trained = None

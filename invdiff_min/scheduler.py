@@ -88,6 +88,8 @@ class _NoiseSchedule(nn.Module):
         if not 0 <= steps_offset < num_train_timesteps:
             raise ValueError(f"steps_offset must lie in [0, {num_train_timesteps - 1}], got {steps_offset}; "
                              f"diffusers' configs use 0 or 1")
+        if not isinstance(clip_sample, bool):               # a string "false" would clip: it is truthy
+            raise ValueError(f"clip_sample must be true or false, got {clip_sample!r}")
         if clip_sample and not (isinstance(clip_sample_range, numbers.Real) and clip_sample_range > 0):
             raise ValueError(f"clip_sample_range must be a number > 0 (x0_hat is clipped to [-r, r]), got "
                              f"{clip_sample_range!r}; the default is 1.0, or pass clip_sample=False")

@@ -44,8 +44,9 @@ class UNetConfig:
     time_embed_dim: int | None = None                       # default 4 * block_out_channels[0]
 
     def __post_init__(self):
+        self._check_types()
         self.block_out_channels = tuple(self.block_out_channels)
-        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        self.attention_levels = tuple(self.attention_levels)
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries but block_out_channels has "
                              f"{len(self.block_out_channels)}: give one True/False per level")
@@ -55,6 +56,33 @@ class UNetConfig:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every channel count; {bad} do not")
+        half = self.block_out_channels[0] // 2                    # timestep_embedding divides by half - freq_shift
+        if (min(self.in_channels, self.out_channels, self.layers_per_block) < 1 or self.downsample_padding not in (0, 1)
+                or not 0 <= self.freq_shift < half or not self.norm_eps > 0 or not 0 <= self.dropout < 1):
+            raise ValueError(f"UNet settings out of range: in_channels, out_channels, layers_per_block >= 1 (got "
+                             f"{self.in_channels}, {self.out_channels}, {self.layers_per_block}), downsample_padding 0 "
+                             f"or 1 (got {self.downsample_padding}), 0 <= freq_shift < {half} (got {self.freq_shift}), "
+                             f"norm_eps > 0 (got {self.norm_eps}), 0 <= dropout < 1 (got {self.dropout})")
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong kind (a hand-edited or foreign config: "1" for 1, "false" for false), which
+        would otherwise fail deep inside the model or, for a bool, be read as true."""
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+        kinds = {"a whole number": (whole, ("sample_size", "in_channels", "out_channels", "layers_per_block",
+                                            "norm_num_groups", "downsample_padding", "freq_shift")),
+                 "a whole number or null": (lambda v: v is None or whole(v),
+                                            ("attention_head_dim", "num_classes", "time_embed_dim")),
+                 "a number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), ("dropout", "norm_eps")),
+                 "true or false": (lambda v: isinstance(v, bool), ("mid_attention", "flip_sin_to_cos")),
+                 "a list of whole numbers": (lambda v: isinstance(v, (list, tuple)) and all(map(whole, v)),
+                                             ("block_out_channels",)),
+                 "a list of true / false": (lambda v: isinstance(v, (list, tuple)) and
+                                            all(isinstance(a, bool) for a in v), ("attention_levels",))}
+        for kind, (ok, names) in kinds.items():
+            bad = [n for n in names if not ok(getattr(self, n))]
+            if bad:
+                raise ValueError(f"UNet setting {bad[0]} must be {kind}, got {getattr(self, bad[0])!r}")
 
     @property
     def downsample_factor(self) -> int:

@@ -101,3 +101,17 @@ def test_progress_to_a_file_is_a_few_plain_lines(tmp_path):
     text = log.read_text()
     assert r.returncode == 0 and "\r" not in text, text[-2000:]
     assert len([s for s in text.splitlines() if s.startswith("A. base model:")]) == 10
+
+
+@pytest.mark.parametrize("edit,says", [({"clip_sample": "false"}, "clip_sample must be true or false"),
+                                       ({"num_train_timesteps": "1000"}, "num_train_timesteps must be an integer")])
+def test_a_hand_edited_noise_schedule_of_the_wrong_kind_is_refused_naming_the_file(runs, tmp_path, edit, says):
+    base = shutil.copytree(runs / "runs" / "tiny" / "base", tmp_path / "base")
+    ckpt = sorted(base.glob("ckpt-*"))[-1]
+    state = json.loads((ckpt / "state.json").read_text())
+    state["config"]["diffusion"].update(edit)
+    state.pop("state_sha256")                        # a deliberate edit (else the integrity check answers first)
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=says) as e:
+        InvDiffPipeline.from_pretrained(ckpt)
+    assert str(ckpt / "state.json") in str(e.value)

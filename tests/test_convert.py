@@ -297,6 +297,20 @@ def test_unsupported_diffusers_settings_are_refused_by_name(setting, named, tmp_
         convert(tmp_path)
 
 
+@pytest.mark.parametrize("setting,named", [
+    ({"norm_eps": "1e-5"}, "norm_eps must be a number, got '1e-5'"),
+    ({"layers_per_block": 1.0}, "layers_per_block must be a whole number"),
+    ({"downsample_padding": -1}, "downsample_padding 0 or 1 (got -1)"),
+    ({"block_out_channels": 32}, "a setting of the wrong kind"),
+])
+def test_diffusers_settings_of_the_wrong_kind_are_refused_naming_the_file(setting, named, tmp_path):
+    config = {"_class_name": "UNet2DModel", **SMALL_CLASS_COND, **setting}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=re.escape(named)) as e:
+        convert(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
 def test_bad_sources_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ConversionError, match="no config.json"):
         convert(tmp_path)

@@ -127,6 +127,8 @@ def test_hand_edited_resolution_in_state_json_is_refused(tmp_path):
     refused(lambda: load_unet(ckpt), "config.data.resolution=17 is not a positive multiple", "factor 2")
     edit_state(ckpt, lambda s: s["config"]["data"].update(resolution=16))
     load_unet(ckpt)                                           # undone: loads again
+    edit_state(ckpt, lambda s: s["config"]["unet"].update(layers_per_block="1"))   # an edit of the wrong kind
+    refused(lambda: load_unet(ckpt), ckpt / "state.json", "layers_per_block must be a whole number, got '1'")
 
 
 def test_checkpoints_record_every_file_sha256_and_old_ones_without_still_load(tmp_path):
