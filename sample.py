@@ -61,6 +61,8 @@ def check_arguments(args) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder (it is created when missing)")
     parent = out if out.is_dir() else next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"--out {out} lies under {parent}, which is a file, not a folder; pass a new folder")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write to {parent} (for --out {out}); pass a folder you can write")
     earlier = [name for name in (*OUTPUTS, RECORD) if (out / name).exists()]   # no mix of two runs' outputs

@@ -107,8 +107,9 @@ class InvDiffPipeline:
         if head is not None and run_dir is not None and list_checkpoints(run_dir / head):
             trained, _ = load_head(run_dir / head, base, device)
         elif head not in (None, "invdiff"):
-            raise CheckpointError(f"no trained head {head!r} under {run_dir or path}; train it with python train.py "
-                                  f"--compare, or pass head=None")
+            how = "train it with python train.py --compare, or " if head in ("oracle", "uniform") else ""
+            raise CheckpointError(f"no trained head {head!r} under {run_dir or path}; {how}pass head=None "
+                                  f"(sample.py: --head none) for the base model alone")
         head_cfg = config.get("head", {})
         return cls(base, trained, config["diffusion"], strength=run_eval.strength,
                    mode=head_cfg.get("mode", "additive"), mix_ratio=head_cfg.get("mix_ratio", 0.5),

@@ -106,6 +106,8 @@ def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, data_root:
         raise RunFolderError(f"an earlier --overwrite left the previous run in {aside_path(run_dir)}: restore it "
                              f"(mv {aside_path(run_dir)} {run_dir}) or delete it, then run again")
     parent = run_dir if run_dir.is_dir() else next(p for p in run_dir.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise RunFolderError(f"--out {run_dir} lies under {parent}, which is a file, not a folder; pass a new folder")
     if not os.access(parent, os.W_OK):
         raise RunFolderError(f"cannot write to {parent} (for --out {run_dir}); pass a folder you can write")
     kept = is_run and not overwrite                          # what the stage may read from the existing run

@@ -72,6 +72,12 @@ def test_a_folder_with_another_program_s_config_json_is_never_replaced(tmp_path,
     assert (mine / "sub" / "notes.txt").read_text() == "precious" and sorted(os.listdir(mine)) == ["config.json", "sub"]
 
 
+def test_an_out_folder_under_a_file_is_refused_before_the_data_is_read(base_run, tmp_path):
+    under = base_run / "config.json" / "sub"
+    fails_with("train.py", ["--preset", "tiny", "--out", under], "which is a file, not a folder")
+    fails_with("sample.py", ["--ckpt", base_run, "--out", under], "which is a file, not a folder")
+
+
 def test_png_names_stay_inside_their_folder():
     from invdiff_min.inference import png_names
     names = png_names(torch.tensor([0, 1, 2, -1]), ["../../escaped", "sub/dir", ".."])

@@ -163,7 +163,7 @@ def _read_csv(path: Path, required: list[str], layout: str) -> tuple[list[dict],
             rows.append(row)
             lines.append(reader.line_num)
     if not rows:
-        raise DatasetFormatError(f"{path} has a header but no rows")
+        raise DatasetFormatError(f"{path} has a header but no rows; add one row per image (docs/datasets.md)")
     return rows, lines
 
 
@@ -403,8 +403,10 @@ def select_rows(table: MetadataTable, s: Sampling, holdout: bool,
     held = "all rows (no split column)" if holdout else "the eval split"
     if int(sizes.min()) == 0:
         y, b = divmod(int(sizes.argmin()), a_)
-        raise ValueError(f"{held} has no sample in cell {_cell(y, b, names)}, so no balanced eval split exists; "
-                         f"samples per cell (y * A + b): {sizes.tolist()}")
+        source = f" of {', '.join(str(f) for f, _ in table.sources)}" if table.sources else ""
+        raise ValueError(f"{held}{source} has no sample in cell {_cell(y, b, names)}, so no balanced eval split "
+                         f"exists; samples per cell (y * A + b): {sizes.tolist()}; add images of that cell (every "
+                         f"class needs every attribute value)")
     e = s.eval_per_group or (max(1, int(sizes.min()) // 5) if holdout else int(sizes.min()))
     if e > int(sizes.min()) - (1 if holdout else 0):
         y, b = divmod(int(sizes.argmin()), a_)
