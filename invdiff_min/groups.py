@@ -234,7 +234,7 @@ def class_topk_groups(losses: torch.Tensor, labels: torch.Tensor, num_classes: i
     majority". W (N, K * num_classes): column c K = the rest of c, c K + j = its high-loss samples best
     explained by the j-th label other than c (2 classes: the same groups as without a profile).
     deviation (official: Adam on a soft W over G = 8 groups mixed across classes, `official_groups`): the same
-    objective solved exactly within each class; the official grouper's groups reach NMI 0.13 here (README)."""
+    objective solved exactly within each class; the official grouper's groups reach NMI 0.09 here (README)."""
     if not 0 < top_fraction < 1:
         raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
     per_class = 2 if profile is None else num_classes
