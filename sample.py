@@ -67,8 +67,9 @@ def check_arguments(args) -> None:
         raise ValueError(f"cannot write to {parent} (for --out {out}); pass a folder you can write")
     earlier = [name for name in (*OUTPUTS, RECORD) if (out / name).exists()]   # no mix of two runs' outputs
     if earlier and not args.overwrite:
-        raise ValueError(f"--out {out} already holds an earlier sample.py output ({', '.join(earlier)}); pass "
-                         f"--out NEW_FOLDER, or --overwrite to replace it")
+        how = ("--overwrite to replace it" if (out / RECORD).exists() else "delete those files yourself (no "
+               "sample.json says sample.py wrote them: an older sample.py's output, or not sample.py's)")
+        raise ValueError(f"--out {out} already holds {', '.join(earlier)}; pass --out NEW_FOLDER, or {how}")
     if args.overwrite and earlier:
         written = set(earlier_outputs(out))
         present = [name for name in OUTPUTS if (out / name).exists()]

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from invdiff_min import pipeline
-from invdiff_min.checkpoint import CheckpointError, load_tensors, load_unet, read_json
+from invdiff_min.checkpoint import CheckpointError, list_checkpoints, load_tensors, load_unet, read_json, read_state
 from invdiff_min.config import RunConfig, add_sampling_flags, apply_overrides, check_config, check_strengths, with_eval
 from invdiff_min.errors import exit_on_error
 from invdiff_min.data import load_splits
@@ -84,6 +84,15 @@ def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> tor
     g = cfg.groups                                    # deterministic and a second's work: not cached
     return official_groups(load_tensors(run_dir / "losses.safetensors")["loss"], g.num_groups, g.steps, g.lr, g.w_nz,
                            g.restarts, g.seed)
+
+
+def check_bench_head(folder: Path, own: bool) -> None:
+    """A benchmark head written before heads recorded their groups' fingerprint cannot be told apart from one
+    trained on other groups (the official grouper changed since): refused, unlike train.py's own heads."""
+    ckpts = list_checkpoints(folder)
+    if not own and ckpts and "groups_fingerprint" not in read_state(ckpts[-1]):
+        raise SystemExit(f"error: {folder} holds a head from before heads recorded their groups, so it may have been "
+                         f"trained on other groups; move that folder away to train it again")
 
 
 def _stat(values: list[float]) -> str:
@@ -239,10 +248,13 @@ def run(args) -> None:
             # any other recipe trains in bench/, so the run's own head is never trained further
             own = name in pipeline.HEADS and seed == cfg.head.seed and not args.set and head_steps == cfg.head.steps
             folder = run_dir / (name if own else f"bench/{name}{args.tag}-s{seed}")
+            check_bench_head(folder, own)
             try:                                           # a head of other groups or another base is refused
                 pipeline.train_head(variant, data, base, assignments, device, folder, str(base_ckpt), progress=False)
-            except CheckpointError as e:
-                raise SystemExit(f"error: {e}. Here: move {folder} away, or pass --tag NAME for new folders") from None
+            except CheckpointError as e:                   # the run's own head: train.py's ways out, as it says
+                what = str(e).split("; train this stage")[0]
+                raise SystemExit(f"error: {e}" if own else f"error: {what}; move {folder} away to train it "
+                                                           f"again") from None
             head, state = load_head(folder, base, device)
             if state["step"] != variant.head.steps:        # a head trained past the request is not cut back
                 raise SystemExit(f"error: {folder} holds a head at step {state['step']}, not {variant.head.steps}; "

@@ -310,7 +310,7 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "head.large_t_share": (0.0, 1.0, "a share of the head's t draws"),
     "data.resolution": (8, MAX_SIDE, "the image side; memory grows with its square"),
     "data.num_samples": (2, MAX_SAMPLES, "training images"),
-    "eval.n_per_class": (2, 100_000, "samples per class; the quality measures need 4 in all"),
+    "eval.n_per_class": (1, 100_000, "samples per class"),
     "eval.num_steps": (1, 100_000, "sampling steps"), "eval.strength": (0.0, 20.0, "the guidance strength w"),
     "eval.guidance_scale": (0.0, 50.0, "the CFG scale"), "data.aligned_fraction": (0.0, 1.0, "a share"),
     "eval.guidance_t_max": (0, 100_000, "a timestep: class guidance at t below it"),
@@ -319,9 +319,6 @@ RANGES = {  # "section.field": (low, high, why); ints unless the default is a fl
     "unet.dropout": (0.0, 0.999, "a dropout probability"), "unet.norm_eps": (1e-12, 1.0, "GroupNorm's epsilon"),
     "unet.attention_head_dim": (1, 65_536, "channels per attention head"),
     "unet.time_embed_dim": (1, 65_536, "the time embedding's width"),
-    "unet.in_channels": (1, 64, "image channels (the data's)"), "unet.out_channels": (1, 64, "image channels"),
-    "unet.downsample_padding": (0, 1, "0: the original DDPM's right/bottom pad, 1: symmetric"),
-    "unet.freq_shift": (0, 65_536, "the sinusoid's frequency shift"),
     "diffusion.num_train_timesteps": (2, 100_000, "the training timesteps T"),
     "diffusion.beta_start": (1e-12, 0.999, "a noise variance beta"),
     "diffusion.beta_end": (1e-12, 0.999, "a noise variance beta"),
@@ -360,20 +357,18 @@ def check_config(cfg: RunConfig) -> None:
             where = f"{key}" + (f" ({FLAG[key]})" if key in FLAG else "")
             span = f"{low:,}, {high:,}" if isinstance(low, int) and isinstance(high, int) else f"{low:g}, {high:g}"
             raise ValueError(f"{where} must be a number in [{span}] ({why}), got {value!r}")
-    for name, net in (("unet", cfg.unet), ("head", cfg.head)):   # the base's and the head's widths, built now
+    # the base UNet as configured, and the head's as InvariantGuidance.small builds it (the base's sinusoid), now
+    head = dict(block_out_channels=cfg.head.block_out_channels, attention_levels=cfg.head.attention_levels,
+                norm_num_groups=cfg.head.norm_num_groups,
+                freq_shift=cfg.unet.freq_shift if cfg.head.mode == "additive" else 0)   # "mix": a copy of the base
+    for name, net in (("unet", asdict(cfg.unet)), ("head", head)):
         try:
-            UNetConfig(block_out_channels=net.block_out_channels, attention_levels=net.attention_levels,
-                       norm_num_groups=net.norm_num_groups)
-        except ValueError as e:
+            UNetConfig(**net)
+        except (TypeError, ValueError) as e:
             raise ValueError(f"{name}: {e}") from None
-        if max(net.block_out_channels) > MAX_WIDTH:
-            raise ValueError(f"{name}.block_out_channels {list(net.block_out_channels)}: each width must be at most "
-                             f"{MAX_WIDTH:,} channels (memory grows with its square)")
-        half = net.block_out_channels[0] // 2                    # the sinusoid's frequencies divide by half - shift
-        if name == "unet" or cfg.head.mode == "additive":
-            if cfg.unet.freq_shift >= half:
-                raise ValueError(f"unet.freq_shift {cfg.unet.freq_shift} must be below {half}, half the first width "
-                                 f"of {name}.block_out_channels (the sinusoid divides by their difference)")
+        if max(net["block_out_channels"]) > MAX_WIDTH:
+            raise ValueError(f"{name}.block_out_channels {list(net['block_out_channels'])}: each width must be at "
+                             f"most {MAX_WIDTH:,} channels (memory grows with its square)")
     nets = [("the UNet", cfg.unet.block_out_channels)]
     if cfg.head.mode == "additive":                              # "mix": the head is a copy of the base UNet
         nets.append(("the head (head.block_out_channels)", cfg.head.block_out_channels))
@@ -406,11 +401,15 @@ def fit_to_data(cfg: RunConfig, num_classes: int, resolution: int, channels: int
     """What only the data decides, made concrete before the config is saved: the UNet's classes and side, and
     for more than two classes the head widened by head.many_classes_width (then recorded as 1, so fitting
     again, or rebuilding from the saved config, changes nothing). UNet channels other than the images'
-    `channels` are refused."""
+    `channels`, and fewer evaluation samples than the quality measures need, are refused."""
     if channels is not None and (cfg.unet.in_channels, cfg.unet.out_channels) != (channels, channels):
         raise ValueError(f"unet.in_channels / unet.out_channels are {cfg.unet.in_channels} / "
                          f"{cfg.unet.out_channels}, but the images of {cfg.data.name} have {channels} channels: "
                          f"leave both at {channels}")
+    if cfg.eval.n_per_class * num_classes < 4:
+        raise ValueError(f"eval.n_per_class {cfg.eval.n_per_class} gives {cfg.eval.n_per_class * num_classes} "
+                         f"samples in all, and the quality measures need 4: set eval.n_per_class to "
+                         f"{-(-4 // num_classes)} or more (100 or more for numbers worth reading)")
     cfg.unet.num_classes, cfg.unet.sample_size = num_classes, resolution
     if num_classes > 2 and cfg.head.many_classes_width != 1:
         cfg.head.block_out_channels = tuple(c * cfg.head.many_classes_width for c in cfg.head.block_out_channels)

@@ -307,15 +307,15 @@ def diffusion_from_scheduler_config(cfg: dict, where: Path) -> dict:
             raise ConversionError(f"{where}: {key}={cfg[key]!r} is not supported by invdiff-min's schedulers "
                                   f"(only {supported!r})")
     out = {k: cfg.get(k, default) for k, default in HO_ET_AL_DIFFUSION.items()}
-    try:                                                          # the kinds and ranges the schedulers accept
-        DDPMScheduler(**out)
-    except (TypeError, ValueError) as e:
-        raise ConversionError(f"{where}: {e}; fix that value in the file") from None
     if out["beta_schedule"] not in BETA_SCHEDULES:
         raise ConversionError(f"{where}: beta_schedule={out['beta_schedule']!r} is not one of {BETA_SCHEDULES}")
     if out["variance_type"] not in DDPMScheduler.VARIANCE_TYPES:
         raise ConversionError(f"{where}: variance_type={out['variance_type']!r} is not one of "
                               f"{DDPMScheduler.VARIANCE_TYPES} (a learned variance needs 2x output channels)")
+    try:                                                          # the kinds and ranges the schedulers accept
+        DDPMScheduler(**out)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: {e}; fix that value in the file") from None
     return out
 
 

@@ -26,8 +26,8 @@ def describe(error: BaseException) -> str:
                "OSError": "check the path and the free disk space"}.get(type(error).__name__, "check the path")
         return f"{what} ({fix})"
     if isinstance(error, KeyboardInterrupt):
-        return ("interrupted (Ctrl-C); every checkpoint and file already written is complete (each is written "
-                "whole, then renamed): train.py --resume continues a run from its newest checkpoint")
+        return ("interrupted (Ctrl-C); train.py's checkpoints are written whole, then renamed, so --resume "
+                "continues a run from its newest one; other outputs of the command may be partial: run it again")
     if (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
             or "can't allocate memory" in str(error)):                  # the CPU allocator's RuntimeError
         return (f"out of memory ({str(error).splitlines()[0] if str(error) else type(error).__name__}); lower the "

@@ -216,7 +216,9 @@ def official_groups(losses: torch.Tensor, num_groups: int = 8, steps: int = 500,
             opt.step()
             with torch.no_grad():                               # the projection, after every step (official)
                 w.clamp_(min=0)
-                w /= w.sum(1, keepdim=True).clamp(min=1e-12)
+                sums = w.sum(1, keepdim=True)
+                # deviation (official: 0 / 0 = NaN): a row a large step pushed wholly below 0 restarts uniform
+                w.copy_(torch.where(sums > 0, w / sums.clamp(min=1e-12), 1.0 / num_groups))
         w = w.detach()
         spread = float(group_risks(w, losses).std())
         if spread > best_spread:

@@ -14,6 +14,7 @@ strictly; see `convert.py`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,6 +23,19 @@ from einops import rearrange
 from torch import nn
 
 from .fused import nearest_upsample_conv
+
+
+WHOLE = ("sample_size", "in_channels", "out_channels", "layers_per_block", "norm_num_groups", "downsample_padding",
+         "freq_shift")                                     # UNetConfig's integer settings
+WHOLE_OR_NONE = ("attention_head_dim", "num_classes", "time_embed_dim")
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"))
+
+
+def _is_sequence(v) -> bool:
+    return isinstance(v, (list, tuple)) or type(v).__name__ == "ndarray"
 
 
 @dataclass
@@ -45,8 +59,13 @@ class UNetConfig:
 
     def __post_init__(self):
         self._check_types()
-        self.block_out_channels = tuple(self.block_out_channels)
-        self.attention_levels = tuple(self.attention_levels)
+        for name in WHOLE + WHOLE_OR_NONE:                       # numpy integers as plain ints (JSON-ready)
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        self.mid_attention, self.flip_sin_to_cos = bool(self.mid_attention), bool(self.flip_sin_to_cos)
+        self.dropout, self.norm_eps = float(self.dropout), float(self.norm_eps)
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries but block_out_channels has "
                              f"{len(self.block_out_channels)}: give one True/False per level")
@@ -57,29 +76,30 @@ class UNetConfig:
         if bad:
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every channel count; {bad} do not")
         half = self.block_out_channels[0] // 2                    # timestep_embedding divides by half - freq_shift
-        if (min(self.in_channels, self.out_channels, self.layers_per_block) < 1 or self.downsample_padding not in (0, 1)
-                or not 0 <= self.freq_shift < half or not self.norm_eps > 0 or not 0 <= self.dropout < 1):
-            raise ValueError(f"UNet settings out of range: in_channels, out_channels, layers_per_block >= 1 (got "
-                             f"{self.in_channels}, {self.out_channels}, {self.layers_per_block}), downsample_padding 0 "
-                             f"or 1 (got {self.downsample_padding}), 0 <= freq_shift < {half} (got {self.freq_shift}), "
-                             f"norm_eps > 0 (got {self.norm_eps}), 0 <= dropout < 1 (got {self.dropout})")
+        for name, ok, want in (
+                ("in_channels", self.in_channels >= 1, "at least 1"),
+                ("out_channels", self.out_channels >= 1, "at least 1"),
+                ("layers_per_block", self.layers_per_block >= 1, "at least 1"),
+                ("downsample_padding", self.downsample_padding in (0, 1), "0 (the original DDPM's pad) or 1"),
+                ("freq_shift", 0 <= self.freq_shift < half, f"in [0, {half}), below half of block_out_channels[0] "
+                                                            f"(the sinusoid divides by their difference)"),
+                ("norm_eps", self.norm_eps > 0, "above 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)")):
+            if not ok:
+                raise ValueError(f"UNet setting {name} must be {want}, got {getattr(self, name)}")
 
     def _check_types(self) -> None:
         """Refuse a value of the wrong kind (a hand-edited or foreign config: "1" for 1, "false" for false), which
-        would otherwise fail deep inside the model or, for a bool, be read as true."""
+        would otherwise fail deep inside the model or, for a bool, be read as true. NumPy numbers are accepted."""
         def whole(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-        kinds = {"a whole number": (whole, ("sample_size", "in_channels", "out_channels", "layers_per_block",
-                                            "norm_num_groups", "downsample_padding", "freq_shift")),
-                 "a whole number or null": (lambda v: v is None or whole(v),
-                                            ("attention_head_dim", "num_classes", "time_embed_dim")),
-                 "a number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-                              ("dropout", "norm_eps")),
-                 "true or false": (lambda v: isinstance(v, bool), ("mid_attention", "flip_sin_to_cos")),
-                 "a list of whole numbers": (lambda v: isinstance(v, (list, tuple)) and all(map(whole, v)),
+            return isinstance(v, numbers.Integral) and not _is_bool(v)
+        kinds = {"a whole number": (whole, WHOLE),
+                 "a whole number or null": (lambda v: v is None or whole(v), WHOLE_OR_NONE),
+                 "a number": (lambda v: isinstance(v, numbers.Real) and not _is_bool(v), ("dropout", "norm_eps")),
+                 "true or false": (_is_bool, ("mid_attention", "flip_sin_to_cos")),
+                 "a list of whole numbers": (lambda v: _is_sequence(v) and all(map(whole, v)),
                                              ("block_out_channels",)),
-                 "a list of true / false": (lambda v: isinstance(v, (list, tuple)) and
-                                            all(isinstance(a, bool) for a in v), ("attention_levels",))}
+                 "a list of true / false": (lambda v: _is_sequence(v) and all(map(_is_bool, v)),
+                                            ("attention_levels",))}
         for kind, (ok, names) in kinds.items():
             bad = [n for n in names if not ok(getattr(self, n))]
             if bad:

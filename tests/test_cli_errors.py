@@ -109,8 +109,8 @@ def test_sample_keeps_two_runs_outputs_apart_and_overwrite_replaces_them(run, tm
     out, argv = tmp_path / "s", ["--ckpt", str(run), "--out", str(tmp_path / "s"), "--steps", "2"]
     assert run_script("sample.py", [*argv, "--n-per-class", "3", "--png"]) == 0
     assert len(list((out / "png").iterdir())) == 6
-    fails_with("sample.py", [*argv, "--n-per-class", "1"], "already holds an earlier sample.py output",
-               "samples.safetensors, grid.png, png", "--overwrite")
+    fails_with("sample.py", [*argv, "--n-per-class", "1"], "already holds samples.safetensors, grid.png, png",
+               "--overwrite to replace it")
     assert run_script("sample.py", [*argv, "--n-per-class", "1", "--overwrite"]) == 0
     assert not (out / "png").exists()                        # no leftover images of the earlier model
     assert load_tensors(out / "samples.safetensors")["images"].shape[0] == 2
@@ -123,6 +123,7 @@ def test_sample_keeps_two_runs_outputs_apart_and_overwrite_replaces_them(run, tm
     (mine / "png" / "photo.png").write_bytes(b"mine")
     (mine / "metrics.json").write_text('{"my": 1}')
     fails_with("sample.py", [*argv, "--out", str(mine), "--overwrite"], "png/photo.png", "metrics.json")
+    fails_with("sample.py", [*argv, "--out", str(mine)], "delete those files yourself", "no sample.json")
     assert (mine / "png" / "photo.png").read_bytes() == b"mine" and (mine / "metrics.json").is_file()
     fails_with("sample.py", [*argv, "--out", str(tmp_path / "t"), "--seed", str(2**70)], "--seed must be an integer")
 

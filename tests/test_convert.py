@@ -300,7 +300,7 @@ def test_unsupported_diffusers_settings_are_refused_by_name(setting, named, tmp_
 @pytest.mark.parametrize("setting,named", [
     ({"norm_eps": "1e-5"}, "norm_eps must be a number, got '1e-5'"),
     ({"layers_per_block": 1.0}, "layers_per_block must be a whole number"),
-    ({"downsample_padding": -1}, "downsample_padding 0 or 1 (got -1)"),
+    ({"downsample_padding": -1}, "downsample_padding must be 0 (the original DDPM's pad) or 1, got -1"),
     ({"block_out_channels": 32}, "a setting of the wrong kind"),
 ])
 def test_diffusers_settings_of_the_wrong_kind_are_refused_naming_the_file(setting, named, tmp_path):

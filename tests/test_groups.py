@@ -40,6 +40,13 @@ def test_official_grouper_with_within_class_normalisation_enriches_the_minority(
     assert share > 0.12, share
 
 
+def test_official_grouper_rows_stay_on_the_simplex_under_a_large_step():
+    """A large learning rate can push a whole row below 0; the official code then divides 0 by 0 (NaN rows)."""
+    losses = torch.rand(2000, generator=torch.Generator().manual_seed(0)) + 0.5
+    w = official_groups(losses, num_groups=16, steps=100, lr=0.3, seed=0)
+    assert torch.isfinite(w).all() and (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(2000), atol=1e-5)
+
+
 def official_loop(l, group_num, w_nz, steps, seed):
     """src/group/train_group.py's optimize_weights, step by step (CPU, a seeded generator for the U(0, 1) start)."""
     l = l.reshape(-1, 1)

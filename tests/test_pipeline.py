@@ -167,6 +167,16 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in list_checkpoints(out / "invdiff")] == own
     assert list_checkpoints(out / "bench" / "invdiff-s0")[-1].name == "ckpt-0000022"
+    # a benchmark head from before heads recorded their groups (e.g. of the earlier official grouper) is refused
+    old = shutil.copytree(out / "bench" / "invdiff-s0", out / "bench" / "official_groups-s0")
+    state_file = list_checkpoints(old)[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["groups_fingerprint"], state["state_sha256"]           # as such a head was written
+    state_file.write_text(json.dumps(state))
+    r = run("benchmarks/debias.py", "--run", str(out), "--variants", "official_groups", "--seeds", "0", "--strengths",
+            "1", "--n-per-class", "2", "--head-steps", "22")
+    assert r.returncode != 0 and "from before heads recorded their groups" in r.stderr, r.stderr[-2000:]
+    shutil.rmtree(old)
 
     # a second run of the same command refuses to clobber; --resume skips every finished stage
     r = run("train.py", "--preset", "tiny", "--out", str(out), "--compare", "--no-progress")

@@ -109,3 +109,17 @@ def test_fused_upsampler_is_nearest_x2_then_conv_as_one_transposed_conv():
     grads_plain = torch.autograd.grad(plain, [x, up.conv.weight, up.conv.bias], g)
     for a, b in zip(grads_fast, grads_plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_unet_config_takes_numpy_numbers_as_plain_ones_and_refuses_strings():
+    import json
+
+    import numpy as np
+    cfg = UNetConfig(sample_size=np.int64(16), block_out_channels=np.array([32, 64]), num_classes=np.int64(2),
+                     attention_levels=np.array([False, True]), norm_eps=np.float32(1e-5), mid_attention=np.bool_(True))
+    assert json.loads(json.dumps(cfg.to_dict()))["block_out_channels"] == [32, 64]
+    assert type(cfg.sample_size) is int and cfg.attention_levels == (False, True)
+    with pytest.raises(ValueError, match="layers_per_block must be a whole number, got '1'"):
+        UNetConfig(layers_per_block="1")
+    with pytest.raises(ValueError, match="flip_sin_to_cos must be true or false, got 'false'"):
+        UNetConfig(flip_sin_to_cos="false")
