@@ -214,11 +214,14 @@ def run(args) -> None:
             check_config(apply_overrides(recipe, args.set))
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+    n = args.n_per_class or cfg.eval.n_per_class
+    if n * cfg.unet.num_classes < 4:                     # before anything loads
+        raise SystemExit(f"error: --n-per-class {n} gives {n * cfg.unet.num_classes} samples per model, and the "
+                         f"quality measures need 4: pass --n-per-class {-(-4 // cfg.unet.num_classes)} or more")
     device = torch.device(args.device)
     base, _, base_ckpt = load_unet(run_dir, device)
     splits = load_splits(cfg.data)
     data = splits.train
-    n = args.n_per_class or cfg.eval.n_per_class
     scale = cfg.eval.guidance_scale
     head_steps = args.head_steps or cfg.head.steps
     how = pipeline.sample_settings(cfg, device, n_per_class=n)

@@ -142,7 +142,8 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
                       (["--run", str(out), "--strengths", "nan"], "--strengths must be a number in [0, 20]"),
                       (["--run", str(out), "--head-steps", "-3"], "--head-steps must be at least 1"),
                       (["--run", str(out), "--json", str(tmp_path / "no" / "d.json")], "does not exist"),
-                      (["--run", str(out), "--json", str(tmp_path)], "it is a folder")):
+                      (["--run", str(out), "--json", str(tmp_path)], "it is a folder"),
+                      (["--run", str(out), "--n-per-class", "1"], "the quality measures need 4")):
         r = run("benchmarks/debias.py", *bad)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     # an error found late (a run's settings without its base model) is one line in cell_risks.py too
