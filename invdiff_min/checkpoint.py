@@ -129,6 +129,8 @@ def read_json_object(path: str | Path, fix: str = "restore it, or delete it and 
 
 
 def parse_json(path: Path, fix: str):
+    if path.exists() and not path.is_file():             # a folder, or a pipe that would block the read
+        raise CheckpointError(f"{path} is not a regular file; {fix}")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -138,6 +140,8 @@ def parse_json(path: Path, fix: str):
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path} is not JSON text (byte {e.start} is not UTF-8): it was damaged; "
                               f"{fix}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not the JSON invdiff-min writes (nested too deeply to read); {fix}") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

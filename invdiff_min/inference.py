@@ -17,6 +17,7 @@ measured (`head_outside_cfg` too: the head's push outside the class guidance, gu
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,9 @@ class InvDiffPipeline:
         None for the base alone), a stage or checkpoint folder, or a converted checkpoint. Every file is checked
         as it is read (checkpoint.py); a head trained on another base is refused."""
         path = Path(path)
+        if weights not in ("ema", "model"):
+            raise ValueError(f"weights must be 'ema' (the EMA, the default) or 'model' (the raw weights), got "
+                             f"{weights!r}")
         base, state, ckpt = load_unet(path, device, weights=weights)
         run_dir = find_run_dir(path)
         config = state.get("config", {})
@@ -138,7 +142,14 @@ class InvDiffPipeline:
             if class_labels is None:
                 raise ValueError(f"this model is class-conditional: pass class_labels, e.g. [0, 1] (classes "
                                  f"0..{self.num_classes - 1})")
-            labels = torch.as_tensor(class_labels).reshape(-1).long()
+            try:
+                labels = torch.as_tensor(class_labels).reshape(-1)
+            except (TypeError, ValueError, RuntimeError):
+                labels = None
+            if labels is None or labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+                raise ValueError(f"class_labels must be whole numbers 0..{self.num_classes - 1} (a list or an "
+                                 f"integer tensor), got {class_labels!r}"[:300])
+            labels = labels.long()
             if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
                 raise ValueError(f"class_labels must lie in 0..{self.num_classes - 1}, got {labels.tolist()}")
         else:
@@ -147,6 +158,10 @@ class InvDiffPipeline:
             labels = torch.full((num_images,), -1)
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        for name, value, high in (("strength", strength, 20.0), ("guidance_scale", guidance_scale, 50.0)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                          and 0 <= value <= high):
+                raise ValueError(f"{name} must be a number in [0, {high:g}] (None: the run's), got {value!r}")
         scheduler = make_sampler(sampler or self.sampler, self.diffusion).to(self.device)
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps   # 0 is refused
         side, channels = self.config.get("data", {}).get("resolution", self.base.config.sample_size), \

@@ -39,8 +39,8 @@ from .guidance import load_head
 from .metrics import attribute_shares, auroc, bias_score, minority_share
 from .plots import save_grid, save_loss_curve, save_loss_histogram
 from .progress import progress_bar
-from .runs import (GROUPS_FILES, LOSSES_FILES, MetricsLog, check_same_run, complete, discard_replaced, resume_stage,
-                   save_stage)
+from .runs import (GROUPS_FILES, LOSSES_FILES, MetricsLog, check_same_run, complete, discard_replaced, related,
+                   resume_stage, save_stage)
 from .scheduler import DDPMScheduler
 from .unet import UNet, UNetConfig, count_parameters
 from .version import __version__
@@ -581,6 +581,9 @@ def run(cfg: RunConfig, splits: DataSplits, run_dir: Path, device: torch.device,
     saving it. A folder with a config.json continues only with that config (learning rates and precision
     excepted) and the same data (runs.check_same_run); a new folder gets one."""
     data = splits.train
+    root = cfg.data.data_root                            # as train.py refuses --out there (runs.check_run_folder)
+    if root is not None and (how := related(run_dir, Path(root))):
+        raise ValueError(f"run_dir {run_dir} {how} the data root {root}; pass a run_dir outside the dataset folder")
     fit_to_data(cfg, data.num_classes, cfg.data.resolution, data.images.shape[1])
     cfg.train.precision, _ = amp.resolve(cfg.train.precision, device)   # "auto" made concrete, as train.py does
     t0 = time.time()

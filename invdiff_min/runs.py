@@ -60,7 +60,7 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict]:
     return cfg, record
 
 
-def _related(a: Path, b: Path) -> str | None:
+def related(a: Path, b: Path) -> str | None:
     """How folder a relates to folder b: 'is', 'holds', 'lies inside' or None."""
     a, b = a.expanduser().resolve(), b.expanduser().resolve()
     if a == b:
@@ -80,7 +80,7 @@ def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, data_root:
     and the inputs the requested stage needs."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"--out {run_dir} is a file, not a folder; pass a new folder name")
-    if data_root is not None and (how := _related(run_dir, Path(data_root))):
+    if data_root is not None and (how := related(run_dir, Path(data_root))):
         raise RunFolderError(f"--out {run_dir} {how} the data root {data_root}; runs are written (and replaced by "
                              f"--overwrite) there, so keep them apart: pass --out outside the dataset folder")
     is_run = (run_dir / "config.json").is_file()
@@ -98,7 +98,7 @@ def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool, data_root:
     if overwrite and is_run and run_dir.is_symlink():
         raise RunFolderError(f"--out {run_dir} is a symbolic link; --overwrite replaces a folder, not a link: pass "
                              f"the folder it points to ({run_dir.resolve()}) or a new folder")
-    inside = [p for p in reads if _related(Path(p), run_dir) in ("is", "lies inside")]
+    inside = [p for p in reads if related(Path(p), run_dir) in ("is", "lies inside")]
     if overwrite and is_run and inside:
         raise RunFolderError(f"{inside[0]} lies inside {run_dir}, which --overwrite moves aside and then deletes; "
                              f"copy it out of the run first, or pass --out NEW_FOLDER")

@@ -115,3 +115,28 @@ def test_a_hand_edited_noise_schedule_of_the_wrong_kind_is_refused_naming_the_fi
     with pytest.raises(CheckpointError, match=says) as e:
         InvDiffPipeline.from_pretrained(ckpt)
     assert str(ckpt / "state.json") in str(e.value)
+
+
+def test_the_api_refuses_what_would_sample_nan_or_truncate_labels(runs):
+    pipe = InvDiffPipeline.from_pretrained(runs / "runs" / "tiny")
+    for bad in ({"strength": float("nan")}, {"guidance_scale": float("inf")}, {"strength": -1.0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a number in"):
+            pipe(class_labels=[0, 1], num_inference_steps=2, **bad)
+    for labels in ([0.7, 1.9], [True, False], ["disc"]):
+        with pytest.raises(ValueError, match="class_labels must be whole numbers"):
+            pipe(class_labels=labels, num_inference_steps=2)
+    with pytest.raises(ValueError, match="weights must be 'ema'"):
+        InvDiffPipeline.from_pretrained(runs / "runs" / "tiny", weights="bogus")
+
+
+def test_json_nested_too_deeply_or_a_pipe_is_one_error_naming_the_file(tmp_path):
+    import os
+
+    from invdiff_min.checkpoint import read_json
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        read_json(deep)
+    os.mkfifo(tmp_path / "pipe.json")                      # reading it would block for ever
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        read_json(tmp_path / "pipe.json")

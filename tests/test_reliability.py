@@ -307,6 +307,21 @@ def test_a_base_checkpoint_that_does_not_say_its_classes_is_named(base_run, tmp_
     assert "--init-from" in text                             # the unconditional model's way in
 
 
+def test_the_python_api_never_writes_a_run_into_the_data_root(tmp_path):
+    import torch
+
+    from invdiff_min.config import get_preset
+    from invdiff_min.data import load_splits
+    data = image_folder(tmp_path / "data", per_cell=12)
+    cfg = get_preset("tiny")
+    cfg.data.name, cfg.data.data_root, cfg.data.eval_per_group, cfg.data.num_samples = "folder", str(data), 2, None
+    splits = load_splits(cfg.data)                                   # (its decode cache goes into the root)
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(ValueError, match="lies inside the data root"):
+        pipeline.run(cfg, splits, data / "run", torch.device("cpu"), "base", progress=False)
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
 def test_the_python_api_resumes_a_folder_only_as_it_was_made(tmp_path):
     """pipeline.run from Python checks the folder's config.json as train.py --resume does: another config or
     other data would otherwise resume its checkpoints silently; a new learning rate is taken and recorded."""
