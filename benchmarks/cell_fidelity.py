@@ -83,8 +83,9 @@ def main() -> None:
         raise SystemExit(f"error: --n-per-class must be at least 1, got {args.n_per_class}")
     if args.strength is not None and not 0 <= args.strength <= 20:
         raise SystemExit(f"error: --strength must be in [0, 20], got {args.strength}")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise SystemExit(f"error: --json {args.json}: its folder does not exist; create it or pass another path")
+    if args.json and ((Path(args.json).exists() and not Path(args.json).is_file())   # a folder, or a pipe that
+                      or not Path(args.json).parent.is_dir()):                     # would block the write
+        raise SystemExit(f"error: --json {args.json}: pass a file path in an existing folder (a new or regular file)")
     if len(set(args.heads)) < len(args.heads) or "base" in args.heads:
         raise SystemExit(f"error: --heads {' '.join(args.heads)}: each head folder once, and none named 'base'")
 

@@ -69,8 +69,9 @@ def main() -> None:
 def run(args) -> None:
     """Check every flag before anything long, then measure each model's risk on each hidden cell."""
     check_strengths(args.strengths, "--strengths")      # a ValueError: one line through exit_on_error
-    if args.json and not Path(args.json).parent.is_dir():
-        raise SystemExit(f"error: --json {args.json}: its folder does not exist; create it or pass another path")
+    if args.json and ((Path(args.json).exists() and not Path(args.json).is_file())   # a folder, or a pipe that
+                      or not Path(args.json).parent.is_dir()):                     # would block the write
+        raise SystemExit(f"error: --json {args.json}: pass a file path in an existing folder (a new or regular file)")
     if args.per_cell < 1 or args.draws < 1:
         raise SystemExit(f"error: --per-cell and --draws must be at least 1, got {args.per_cell} and {args.draws}")
     if len(args.bands) < 2 or any(lo >= hi for lo, hi in zip(args.bands, args.bands[1:])) or args.bands[0] < 0:

@@ -86,6 +86,14 @@ def variant_assignments(cfg: RunConfig, run_dir: Path, source: str, data) -> tor
                            g.restarts, g.seed)
 
 
+def check_json_out(path: str | None) -> None:
+    """--json: a new or regular file in an existing folder (a folder, or a pipe that would block the write, is
+    refused before any work)."""
+    if path and ((Path(path).exists() and not Path(path).is_file()) or not Path(path).parent.is_dir()):
+        raise SystemExit(f"error: --json {path}: pass a file path in an existing folder (it is "
+                         f"{'not a regular file' if Path(path).exists() else 'in a folder that does not exist'})")
+
+
 def check_bench_head(folder: Path, own: bool) -> None:
     """A benchmark head written before heads recorded their groups' fingerprint cannot be told apart from one
     trained on other groups (the official grouper changed since): refused, unlike train.py's own heads."""
@@ -129,16 +137,29 @@ def markdown_table(report: dict, num_classes: int) -> str:
 def merge(paths: list[str]) -> dict:
     """Several reports of one run (e.g. variants benchmarked in parallel processes) as one: models of later
     files are added; base and group reports must agree."""
-    reports = [json.loads(Path(p).read_text()) for p in paths]
+    if len(set(map(str, paths))) < len(paths):
+        raise SystemExit(f"error: --merge names a report twice ({paths}); its heads would count twice")
+    reports = []
+    for path in paths:
+        try:
+            report = read_json(path)
+        except (CheckpointError, OSError) as e:
+            raise SystemExit(f"error: --merge: {e}") from None
+        if not (isinstance(report, dict) and isinstance(report.get("models"), dict) and "base" in report["models"]
+                and isinstance(report.get("groups"), dict) and "run" in report):
+            raise SystemExit(f"error: --merge {path} is not a report of this script (no run, groups and models with "
+                             f"a base); pass the --json files debias.py wrote")
+        reports.append(report)
     merged = copy.deepcopy(reports[0])
     for other in reports[1:]:
         if any(other.get(k) != merged.get(k) for k in ("run", "n_per_class", "sampler", "guidance_scale",
                                                        "guidance_t_max", "head_outside_cfg", "head_steps")):
             raise SystemExit(f"error: cannot merge reports of different runs, sample sizes or samplers: {paths}")
         merged["groups"].update(other["groups"])
-        for name, by_w in other["models"].items():
+        for name, by_w in other["models"].items():        # a variant in both: the head seeds of both
             if name != "base":
-                merged["models"][name] = by_w
+                for w, runs in by_w.items():
+                    merged["models"].setdefault(name, {}).setdefault(w, []).extend(runs)
     return merged
 
 
@@ -173,9 +194,7 @@ def run(args) -> None:
             raise SystemExit(f"error: {flag} must be at least 1, got {value}")
     if any(not 0 <= s <= 2**31 - 1 for s in args.seeds):
         raise SystemExit(f"error: --seeds must lie in [0, 2**31 - 1], got {args.seeds}")
-    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
-        raise SystemExit(f"error: --json {args.json}: pass a file path in an existing folder (it is "
-                         f"{'a folder' if Path(args.json).is_dir() else 'in a folder that does not exist'})")
+    check_json_out(args.json)
     if args.merge:
         report = merge(args.merge)
         try:

@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("run", type=Path, help="a run folder made by train.py in one go")
     p.add_argument("--json", type=Path, default=None, help="also write the table here")
     args = p.parse_args()
+    if args.json and ((args.json.exists() and not args.json.is_file()) or not args.json.parent.is_dir()):
+        raise SystemExit(f"error: --json {args.json}: pass a file path in an existing folder (a new or regular file)")
     times = stage_times(args.run)
     for name, row in times["stages"].items():
         per = f"  ({row['seconds_per_step']:.3f} s/step)" if "seconds_per_step" in row else ""

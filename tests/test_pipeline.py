@@ -130,7 +130,7 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     recorded = json.loads((tmp_path / "cells_t0.json").read_text())
     assert recorded["guidance_t_max"] == 0 and recorded["head_outside_cfg"] is True
     for bad, says in ((["--heads", str(tmp_path / "nothing")], "nothing"), (["--heads", "base"], "base"),
-                      (["--json", str(tmp_path / "no" / "cells.json")], "does not exist"),
+                      (["--json", str(tmp_path / "no" / "cells.json")], "in an existing folder"),
                       (["--guidance-scale", "-1"], "--guidance-scale"),
                       (["--guidance-t-max", "1001"], "eval.guidance_t_max must be at most")):
         r = run("benchmarks/cell_fidelity.py", "--run", str(out), *bad)
@@ -142,7 +142,7 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
                       (["--run", str(out), "--strengths", "nan"], "--strengths must be a number in [0, 20]"),
                       (["--run", str(out), "--head-steps", "-3"], "--head-steps must be at least 1"),
                       (["--run", str(out), "--json", str(tmp_path / "no" / "d.json")], "does not exist"),
-                      (["--run", str(out), "--json", str(tmp_path)], "it is a folder"),
+                      (["--run", str(out), "--json", str(tmp_path)], "it is not a regular file"),
                       (["--run", str(out), "--n-per-class", "1"], "the quality measures need 4")):
         r = run("benchmarks/debias.py", *bad)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -163,11 +163,21 @@ def test_whole_pipeline_and_sampling_on_the_tiny_preset(tmp_path):
     assert [sizes[1], sizes[3]] == [round(0.3 * (sizes[0] + sizes[1])), round(0.3 * (sizes[2] + sizes[3]))]
     # a longer head than the run's trains in bench/: the run's own head is never trained further
     own = [p.name for p in list_checkpoints(out / "invdiff")]
-    r = run("benchmarks/debias.py", "--run", str(out), "--variants", "invdiff", "--seeds", "0", "--strengths", "1",
-            "--n-per-class", "2", "--head-steps", "22")
-    assert r.returncode == 0, r.stderr[-3000:]
+    for seed in ("0", "1"):                               # two processes' reports, merged: both head seeds
+        r = run("benchmarks/debias.py", "--run", str(out), "--variants", "invdiff", "--seeds", seed, "--strengths",
+                "1", "--n-per-class", "2", "--head-steps", "22", "--json", str(tmp_path / f"s{seed}.json"))
+        assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in list_checkpoints(out / "invdiff")] == own
     assert list_checkpoints(out / "bench" / "invdiff-s0")[-1].name == "ckpt-0000022"
+    r = run("benchmarks/debias.py", "--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--json",
+            str(tmp_path / "merged.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads((tmp_path / "merged.json").read_text())["models"]["invdiff"]["1.0"]) == 2
+    (tmp_path / "other.json").write_text("{}")
+    for bad, says in (([str(tmp_path / "other.json")], "is not a report of this script"),
+                      ([str(tmp_path / "s0.json")] * 2, "names a report twice")):
+        r = run("benchmarks/debias.py", "--merge", *bad)
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     # a benchmark head from before heads recorded their groups (e.g. of the earlier official grouper) is refused
     old = shutil.copytree(out / "bench" / "invdiff-s0", out / "bench" / "official_groups-s0")
     state_file = list_checkpoints(old)[-1] / "state.json"
