@@ -119,8 +119,8 @@ def test_a_hand_edited_noise_schedule_of_the_wrong_kind_is_refused_naming_the_fi
 
 def test_the_api_refuses_what_would_sample_nan_or_truncate_labels(runs):
     pipe = InvDiffPipeline.from_pretrained(runs / "runs" / "tiny")
-    for bad in ({"strength": float("nan")}, {"guidance_scale": float("inf")}, {"strength": -1.0}):
-        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a number in"):
+    for bad in ({"strength": float("nan")}, {"guidance_scale": float("inf")}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number"):
             pipe(class_labels=[0, 1], num_inference_steps=2, **bad)
     for labels in ([0.7, 1.9], [True, False], ["disc"]):
         with pytest.raises(ValueError, match="class_labels must be whole numbers"):
