@@ -20,7 +20,6 @@ against quality over the sweep). Use at least 100 images per class for numbers w
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from invdiff_min import amp
-from invdiff_min.checkpoint import save_tensors, write_json
+from invdiff_min.checkpoint import read_json, save_tensors, write_json
 from invdiff_min.config import add_sampling_flags, pick_device
 from invdiff_min.errors import exit_on_error
 from invdiff_min.inference import InvDiffPipeline, png_names, save_png_folder
@@ -84,12 +83,12 @@ def check_arguments(args) -> None:
 def earlier_outputs(out: Path) -> list[str]:
     """The files an earlier run recorded in OUT/sample.json (paths relative to OUT); refused if it is unreadable."""
     try:
-        written = json.loads((out / RECORD).read_text())["written"]
+        written = read_json(out / RECORD)["written"]          # (a pipe or a damaged file: refused, never hangs)
         if not (isinstance(written, list) and all(isinstance(w, str) for w in written)):
             raise ValueError
     except FileNotFoundError:
         return []
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError):
         raise ValueError(f"{out / RECORD} is not the record sample.py writes (a JSON object listing 'written' "
                          f"files), so --overwrite cannot tell what it may delete; pass --out NEW_FOLDER") from None
     def ours(name: str) -> bool:                # OUTPUTS files and png/FILE: nothing outside them, whatever it says
